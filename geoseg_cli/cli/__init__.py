@@ -1,0 +1,115 @@
+"""The ``geoseg`` command line: a thin click layer over the geoseg library.
+
+Commands live in one module each and are imported only when used, so ``geoseg --help``
+stays fast and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from geoseg_cli import __version__
+from geoseg_cli.errors import GeosegError, UsageError
+
+log = logging.getLogger("geoseg_cli")
+
+#: command name -> "module:attribute" of its click command.
+COMMANDS = {
+    "tile": "geoseg_cli.cli.tile:tile",
+    "train": "geoseg_cli.cli.train:train",
+    "predict": "geoseg_cli.cli.predict:predict",
+    "export": "geoseg_cli.cli.export:export",
+    "evaluate": "geoseg_cli.cli.evaluate:evaluate",
+    "info": "geoseg_cli.cli.info:info",
+    "models": "geoseg_cli.cli.models:models",
+    "demo": "geoseg_cli.cli.demo:demo",
+}
+
+
+class _Formatter(logging.Formatter):
+    """Plain messages for INFO, ``LEVEL: message`` for everything else."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno == logging.INFO:
+            return message
+        return f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(verbosity: int) -> None:
+    """Send geoseg's logs to stderr at the level chosen by ``-v``/``-q``.
+
+    Args:
+        verbosity: -1 for quiet (warnings only), 0 for info, 1+ for debug.
+    """
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    for name in ("geoseg_cli", "models"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+class GeosegGroup(click.Group):
+    """A click group that loads commands lazily and turns library errors into one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GeosegError as exc:
+            log.debug("traceback:", exc_info=True)
+            if isinstance(exc, UsageError):
+                raise click.UsageError(str(exc)) from None
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            log.debug("traceback:", exc_info=True)
+            raise click.ClickException("interrupted; no partial output was kept") from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)"
+            ) from None
+
+
+@click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="geoseg")
+@click.option("-v", "--verbose", count=True, help="More log output (debug, tracebacks).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Segment large aerial and satellite rasters with SCG-Net.
+
+    \b
+    Lifecycle:
+      geoseg tile scene.tif --labels labels.tif -o chips/
+      geoseg train chips/ -o run/
+      geoseg predict scene.tif --model run/best.pt --tta
+      geoseg export onnx run/best.pt -o model.onnx
+      geoseg evaluate scene_pred.tif labels.tif
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose > 0
+    configure_logging(-1 if quiet else verbose)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="geoseg")

@@ -1,0 +1,48 @@
+"""Options shared by several commands, spelled as rasterio's ``rio`` spells them."""
+
+from __future__ import annotations
+
+import click
+
+overwrite_opt = click.option(
+    "--overwrite", is_flag=True, help="Replace existing output instead of refusing."
+)
+json_opt = click.option(
+    "--json", "as_json", is_flag=True, help="Print a machine-readable JSON result on stdout."
+)
+bidx_opt = click.option(
+    "-b",
+    "--bidx",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="1-based band index to read (repeatable; default: all bands / the model's bands).",
+)
+device_opt = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where PyTorch runs: auto picks CUDA when available.",
+)
+
+
+def _parse_creation_options(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE (e.g. --co COMPRESS=LZW)")
+        options[key.upper()] = value
+    return options
+
+
+creation_options_opt = click.option(
+    "--co",
+    "creation_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=_parse_creation_options,
+    help="GDAL creation option for the output GeoTIFF (repeatable), e.g. --co COMPRESS=LZW.",
+)
