@@ -17,16 +17,16 @@ from geoseg_cli.errors import GeosegError, UsageError
 
 log = logging.getLogger("geoseg_cli")
 
-#: command name -> "module:attribute" of its click command.
+#: command name -> ("module:attribute" of its click command, one-line help for the listing).
 COMMANDS = {
-    "tile": "geoseg_cli.cli.tile:tile",
-    "train": "geoseg_cli.cli.train:train",
-    "predict": "geoseg_cli.cli.predict:predict",
-    "export": "geoseg_cli.cli.export:export",
-    "evaluate": "geoseg_cli.cli.evaluate:evaluate",
-    "info": "geoseg_cli.cli.info:info",
-    "models": "geoseg_cli.cli.models:models",
-    "demo": "geoseg_cli.cli.demo:demo",
+    "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
+    "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
+    "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
+    "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),
+    "evaluate": ("geoseg_cli.cli.evaluate:evaluate", "Score a class map against labels."),
+    "info": ("geoseg_cli.cli.info:info", "Show what a checkpoint or ONNX model contains."),
+    "models": ("geoseg_cli.cli.models:models", "List the SCG-Net variants."),
+    "demo": ("geoseg_cli.cli.demo:demo", "Run the whole lifecycle on a generated scene."),
 }
 
 
@@ -60,13 +60,18 @@ class GeosegGroup(click.Group):
     """A click group that loads commands lazily and turns library errors into one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(set(COMMANDS) | set(self.commands))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
-            return None
-        module, attr = COMMANDS[name].split(":")
+            return super().get_command(ctx, name)
+        module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing from the table keeps `geoseg --help` fast: no command module is imported.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, help_) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
         try:

@@ -1,0 +1,61 @@
+"""The command-line front: version, help, logging and error conventions."""
+
+from __future__ import annotations
+
+import click
+from click.testing import CliRunner
+
+import geoseg_cli
+from geoseg_cli.cli import COMMANDS, GeosegGroup, cli
+from geoseg_cli.errors import InputError, UsageError
+
+
+def test_version_matches_package() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"geoseg, version {geoseg_cli.__version__}"
+
+
+def test_help_lists_every_command() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line]
+    assert listed == sorted(COMMANDS)
+
+
+def test_every_command_module_loads_and_has_help() -> None:
+    group = GeosegGroup()
+    for name in COMMANDS:
+        command = group.get_command(click.Context(cli), name)
+        assert isinstance(command, click.Command), name
+        assert command.help and "Example" in command.help or isinstance(command, click.Group)
+
+
+def _group_raising(exc: BaseException) -> click.Group:
+    @click.group(cls=GeosegGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def boom() -> None:
+        raise exc
+
+    return group
+
+
+def test_library_errors_become_one_line_messages() -> None:
+    runner = CliRunner()
+    result = runner.invoke(_group_raising(InputError("a.tif: no such file; check the path")), ["boom"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: a.tif: no such file; check the path"
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(_group_raising(UsageError("--stride must be <= --window")), ["boom"])
+    assert result.exit_code == 2
+    assert "--stride must be <= --window" in result.output
+
+
+def test_ctrl_c_is_a_clean_exit() -> None:
+    result = CliRunner().invoke(_group_raising(KeyboardInterrupt()), ["boom"])
+    assert result.exit_code == 1
+    assert "interrupted" in result.output
