@@ -12,13 +12,17 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError, OutputError
 
@@ -92,3 +96,166 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def read_masked(
+    src: rasterio.DatasetReader, window: Window | None = None, indexes: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read bands and their valid-data mask over a window.
+
+    A pixel is valid when GDAL's mask (nodata value, alpha band or internal mask) marks at
+    least one of the bands valid, as :meth:`rasterio.DatasetReader.dataset_mask` does, and,
+    for floating-point rasters, when every band is finite.
+
+    Args:
+        src: Open dataset.
+        window: Window to read (default: the whole raster).
+        indexes: 1-based band indexes (default: all bands).
+
+    Returns:
+        (data bands×rows×cols in the source dtype, valid rows×cols bool).
+    """
+    indexes = list(indexes or src.indexes)
+    data = src.read(indexes, window=window)
+    valid = src.read_masks(indexes, window=window).any(axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    return data, valid
+
+
+def iter_row_windows(width: int, height: int, max_pixels: int = 1 << 24) -> Iterator[Window]:
+    """Full-width windows of whole rows, each holding at most ``max_pixels`` (≥ 1 row)."""
+    rows = max(1, max_pixels // max(width, 1))
+    for row in range(0, height, rows):
+        yield Window(0, row, width, min(rows, height - row))
+
+
+def crs_name(crs: rasterio.crs.CRS | None) -> str:
+    """Short CRS label for messages: ``EPSG:32618``, or the WKT's name for custom CRSs."""
+    if crs is None:
+        return "no CRS"
+    epsg = crs.to_epsg()
+    if epsg is not None:
+        return f"EPSG:{epsg}"
+    match = re.match(r'\s*\w+\[\s*"([^"]*)"', crs.to_wkt())
+    return f'custom CRS "{match.group(1)}"' if match else "custom CRS"
+
+
+def describe_grid(src: rasterio.DatasetReader) -> str:
+    """One-line description of a raster's grid: CRS, size, pixel size and origin."""
+    crs = crs_name(src.crs)
+    t = src.transform
+    origin = f"({t.c:.10g}, {t.f:.10g})"
+    return f"{crs}, {src.width}x{src.height} px, pixel {t.a:g}x{t.e:g}, origin {origin}"
+
+
+def same_grid(a: rasterio.DatasetReader, b: rasterio.DatasetReader, tol: float = 1e-6) -> bool:
+    """True when two rasters share CRS, size and transform (to ``tol`` pixels)."""
+    if (a.width, a.height) != (b.width, b.height) or a.crs != b.crs:
+        return False
+    ta, tb = a.transform, b.transform
+    pixel = max(abs(ta.a), abs(ta.e), abs(ta.b), abs(ta.d))
+    return all(abs(x - y) <= tol * pixel for x, y in zip(ta[:6], tb[:6], strict=True))
+
+
+def ground_resolution(src: rasterio.DatasetReader) -> tuple[float | None, bool]:
+    """Pixel size in metres (mean of x and y) and whether it is an approximation.
+
+    Geographic CRSs are converted at the raster's centre latitude (approximate); a raster
+    without CRS has no known resolution.
+
+    Returns:
+        (metres or None, approximate).
+    """
+    t = src.transform
+    size_x, size_y = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
+    if src.crs is None:
+        return None, False
+    if src.crs.is_geographic:
+        lat = np.radians((src.bounds.top + src.bounds.bottom) / 2)
+        metres = (size_x * 111_320.0 * float(np.cos(lat)) + size_y * 110_574.0) / 2
+        return metres, True
+    factor = src.crs.linear_units_factor[1]
+    return (size_x + size_y) / 2 * factor, False
+
+
+def output_profile(
+    src: rasterio.DatasetReader,
+    *,
+    count: int,
+    dtype: str,
+    nodata: float | None,
+    window: Window | None = None,
+    creation_options: dict[str, str] | None = None,
+) -> dict:
+    """A GeoTIFF profile on the grid of ``src`` (or of a window of it).
+
+    Defaults: tiled (512 px blocks, smaller for small rasters), DEFLATE, BIGTIFF=IF_SAFER;
+    ``creation_options`` (``--co NAME=VALUE``) override them.
+
+    Args:
+        src: Dataset whose CRS and transform the output keeps.
+        count: Number of bands.
+        dtype: Band data type.
+        nodata: Output nodata value (None for none).
+        window: Part of ``src`` the output covers (default: all of it).
+        creation_options: GDAL creation options, upper- or lower-case keys.
+    """
+    window = window or Window(0, 0, src.width, src.height)
+    width, height = int(window.width), int(window.height)
+    block = min(512, 16 * -(-max(width, height) // 16))
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": dtype,
+        "crs": src.crs,
+        "transform": src.window_transform(window),
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "deflate",
+        "bigtiff": "IF_SAFER",
+    }
+    profile.update({key.lower(): value for key, value in (creation_options or {}).items()})
+    return profile
+
+
+def bounds_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, float]) -> Window:
+    """Whole-pixel window of ``src`` covering ``(left, bottom, right, top)`` in its CRS.
+
+    Partial pixels are included; the window is clipped to the raster.
+
+    Raises:
+        InputError: The bounds do not overlap the raster.
+    """
+    left, bottom, right, top = bounds
+    inverse = ~src.transform
+    xs, ys = zip(*(inverse @ (x, y) for x in (left, right) for y in (bottom, top)), strict=True)
+    col0, row0 = max(0, int(np.floor(min(xs) + 1e-6))), max(0, int(np.floor(min(ys) + 1e-6)))
+    col1 = min(src.width, int(np.ceil(max(xs) - 1e-6)))
+    row1 = min(src.height, int(np.ceil(max(ys) - 1e-6)))
+    if col1 <= col0 or row1 <= row0:
+        raise InputError(
+            f"{src.name}: bounds {bounds} do not overlap the raster {tuple(src.bounds)}; "
+            "give --bounds in the raster's CRS"
+        )
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def nodata_valid(data: np.ndarray, nodata: float) -> np.ndarray:
+    """Valid-pixel mask (rows×cols) of ``data`` (bands×rows×cols) for a nodata value:
+    a pixel is nodata when every band equals ``nodata`` (or, for floats, is not finite)."""
+    if np.isnan(nodata):
+        return np.isfinite(data).any(axis=0)
+    valid = (data != nodata).any(axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    return valid
+
+
+def has_mask(src: rasterio.DatasetReader, indexes: list[int]) -> bool:
+    """True when GDAL knows invalid pixels (nodata value, alpha or mask band) in ``indexes``."""
+    return any(src.mask_flag_enums[i - 1] != [MaskFlags.all_valid] for i in indexes)

@@ -94,3 +94,181 @@ def scene(tmp_path: Path) -> dict[str, Path]:
         "image": write_raster(tmp_path / "scene.tif", image, nodata=0),
         "labels": write_raster(tmp_path / "scene_labels.tif", labels),
     }
+
+
+def coarse_scene(
+    height: int, width: int, num_classes: int = 3, factor: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`synthetic_scene` enlarged ``factor`` times (class cells of 8·factor px), so a
+    stride-16 network can resolve the classes.
+
+    Returns:
+        (image uint8 3×H×W, labels uint8 H×W).
+    """
+    image, labels = synthetic_scene(-(-height // factor), -(-width // factor), num_classes, seed)
+    image = image.repeat(factor, axis=1).repeat(factor, axis=2)[:, :height, :width]
+    labels = labels.repeat(factor, axis=0).repeat(factor, axis=1)[:height, :width]
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def write_chips(
+    root: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    class_names: list[str] | None = None,
+    ignore_index: int = 255,
+    val_every: int = 4,
+) -> Path:
+    """Write a CHIPS_DIR as ``geoseg tile`` does (images/, labels/, manifest.csv, stats.json),
+    cutting (image, labels) on a non-overlapping grid of ``size`` px chips; every
+    ``val_every``-th chip goes to the val split. Independent of geoseg's own tiling code.
+    """
+    import csv
+    import json
+
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    num_classes = len(class_names) if class_names else int(labels[labels != ignore_index].max()) + 1
+    names = class_names or [f"class_{i}" for i in range(num_classes)]
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rows, train_pixels, counts = [], [], np.zeros(num_classes, dtype=np.int64)
+    for index, (top, left) in enumerate(
+        (t, c)
+        for t in range(0, labels.shape[0] - size + 1, size)
+        for c in range(0, labels.shape[1] - size + 1, size)
+    ):
+        chip_id = f"scene_{left}_{top}"
+        transform = window_transform(Window(left, top, size, size), UTM_TRANSFORM)
+        chip_image = image[:, top : top + size, left : left + size]
+        chip_labels = labels[top : top + size, left : left + size]
+        write_raster(root / "images" / f"{chip_id}.tif", chip_image, transform=transform)
+        write_raster(root / "labels" / f"{chip_id}.tif", chip_labels, transform=transform)
+        split = "val" if index % val_every == val_every - 1 else "train"
+        valid = chip_labels[chip_labels != ignore_index]
+        chip_counts = np.bincount(valid, minlength=num_classes)
+        if split == "train":
+            train_pixels.append(chip_image.reshape(image.shape[0], -1) / 255.0)
+            counts += chip_counts
+        rows.append(
+            [chip_id, f"images/{chip_id}.tif", f"labels/{chip_id}.tif", "scene.tif", left, top,
+             size, size, split, 1 - valid.size / chip_labels.size, *chip_counts.tolist()]
+        )  # fmt: skip
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["chip_id", "image", "label", "source", "col_off", "row_off", "width", "height",
+             "split", "nodata_fraction", *(f"count_{n}" for n in names)]
+        )  # fmt: skip
+        writer.writerows(rows)
+    pixels = np.concatenate(train_pixels, axis=1)
+    freq = counts / counts.sum()
+    weights = np.where(freq > 0, np.median(freq[freq > 0]) / np.maximum(freq, 1e-12), 0.0)
+    stats = {
+        "format_version": 1,
+        "bands": list(range(1, image.shape[0] + 1)),
+        "dtype": str(image.dtype),
+        "scale": 1 / 255,
+        "mean": pixels.mean(axis=1).tolist(),
+        "std": pixels.std(axis=1).tolist(),
+        "nodata": None,
+        "resolution": 0.5,
+        "crs": UTM_CRS.to_wkt(),
+        "classes": [{"name": n, "color": [40 * i, 255 - 40 * i, 128]} for i, n in enumerate(names)],
+        "ignore_index": ignore_index,
+        "class_counts": counts.tolist(),
+        "class_frequencies": freq.tolist(),
+        "class_weights": weights.tolist(),
+        "size": size,
+        "stride": size,
+        "num_chips": {
+            "train": sum(r[8] == "train" for r in rows),
+            "val": sum(r[8] == "val" for r in rows),
+        },
+    }
+    (root / "stats.json").write_text(json.dumps(stats, indent=2))
+    return root
+
+
+@pytest.fixture
+def chips(tmp_path: Path) -> Path:
+    """A small CHIPS_DIR: a 3-class 256×256 textured scene cut into 16 chips of 64 px
+    (12 train, 4 val), with a few unlabelled (ignore) pixels."""
+    image, labels = coarse_scene(256, 256, num_classes=3, seed=3)
+    labels[:5, :7] = 255
+    return write_chips(tmp_path / "chips", image, labels, 64)
+
+
+def write_geojson(path: Path, features: list[tuple[dict, dict]], crs: str | None = None) -> Path:
+    """Write (geometry, properties) pairs as a GeoJSON FeatureCollection.
+
+    Args:
+        crs: Legacy ``crs`` member name (e.g. ``"urn:ogc:def:crs:EPSG::4326"``); None omits it.
+    """
+    import json
+
+    doc: dict = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": geom, "properties": props} for geom, props in features
+        ],
+    }
+    if crs is not None:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def save_tiny_checkpoint(
+    path: Path,
+    num_classes: int = 3,
+    in_channels: int = 3,
+    dtype: str = "uint8",
+    window: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Save an untrained SCG-Net (scg-gcn, resnet18 backbone) as a geoseg checkpoint.
+
+    Input scaling follows ``dtype`` (1/255 for uint8, 1/10000 otherwise); classes are named
+    ``class_0``… with distinct colours.
+    """
+    import torch
+
+    from geoseg_cli.checkpoint import (
+        Checkpoint,
+        ClassInfo,
+        InputSpec,
+        ModelSpec,
+        save_checkpoint,
+    )
+    from models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("scg-gcn", num_classes, in_channels, backbone="resnet18")
+    ckpt = Checkpoint(
+        model=ModelSpec("scg-gcn", "resnet18", num_classes, in_channels),
+        classes=[
+            ClassInfo(f"class_{i}", (40 * i % 256, 255 - 40 * i % 256, 128))
+            for i in range(num_classes)
+        ],
+        ignore_index=255,
+        input=InputSpec(
+            bands=list(range(1, in_channels + 1)),
+            dtype=dtype,
+            scale=1 / 255 if dtype == "uint8" else 1 / 10000,
+            mean=[0.45] * in_channels,
+            std=[0.25] * in_channels,
+        ),
+        window=window,
+        state_dict=model.state_dict(),
+    )
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 3-class, 3-band uint8 SCG-Net checkpoint (resnet18, window 32)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")

@@ -1,0 +1,205 @@
+"""``geoseg tile``: georeferenced training chips from rasters and polygons."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from geoseg_cli.cli.options import bidx_opt, json_opt, overwrite_opt
+
+
+def expand_variadic_option(args: list[str], name: str) -> list[str]:
+    """Rewrite ``NAME a b c`` as ``NAME a NAME b NAME c`` so a shell glob after an option
+    (``--labels labels/*.tif``) fills that option instead of the positional arguments."""
+    out: list[str] = []
+    taking = False
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        if arg == name:
+            taking = False
+            out.append(arg)
+            continue
+        if arg.startswith("-") and arg != "-":
+            taking = False
+        elif taking:
+            out.append(name)
+        elif out and out[-1] == name:
+            taking = True
+        out.append(arg)
+    return out
+
+
+class _TileCommand(click.Command):
+    """Accepts several values after one ``--labels`` (``--labels a.tif b.tif``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_variadic_option(args, "--labels"))
+
+
+@click.command(cls=_TileCommand)
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option(
+    "--labels",
+    "labels",
+    multiple=True,
+    required=True,
+    metavar="LABELS...",
+    help="Label file(s), one per IMAGE in the same order; every value after --labels up to "
+    "the next option is a label file. "
+    "Class-index raster, RGB raster (needs --classes) or GeoJSON polygons (one GeoJSON may "
+    "serve all images).",
+)
+@click.option(
+    "-o", "--output", "outdir", required=True, type=click.Path(), help="Output folder (new)."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=1),
+    default=448,
+    show_default=True,
+    help="Chip size in pixels.",
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Grid step in pixels (default: --size; smaller = overlap).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Draw N random chips (seeded) instead of a grid.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    metavar="FILE|isprs",
+    help="Classes file (TOML or JSON: names, colors, value, ignore_index, ignore_colors) or "
+    "preset 'isprs'. Default: inferred from the labels.",
+)
+@click.option(
+    "--class-field",
+    default=None,
+    metavar="NAME",
+    help="GeoJSON attribute with each polygon's class (number or class name).",
+)
+@click.option(
+    "--class-value",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Burn every polygon as class value N [default: 1 without --class-field].",
+)
+@bidx_opt
+@click.option(
+    "--max-nodata",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Skip chips with a larger nodata fraction.",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of validation data.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["auto", "source", "random"]),
+    default="auto",
+    show_default=True,
+    help="Validation split: whole images (source) or single chips (random); auto = source "
+    "with several images, random with one.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for random chips and the split."
+)
+@click.option(
+    "--ignore-index",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Label id for unlabelled pixels [default: classes file's, else 255].",
+)
+@click.option(
+    "--scale",
+    type=float,
+    default=None,
+    help="Factor mapping raw values to ~[0,1] [default: 1/255 uint8, 1/10000 other "
+    "integers, 1 float].",
+)
+@json_opt
+@overwrite_opt
+def tile(
+    images: tuple[str, ...],
+    labels: tuple[str, ...],
+    outdir: str,
+    size: int,
+    stride: int | None,
+    count: int | None,
+    classes: str | None,
+    class_field: str | None,
+    class_value: int | None,
+    bidx: tuple[int, ...],
+    max_nodata: float,
+    val_fraction: float,
+    split: str,
+    seed: int,
+    ignore_index: int | None,
+    scale: float | None,
+    as_json: bool,
+    overwrite: bool,
+) -> None:
+    """Cut IMAGE rasters and their labels into georeferenced training chips.
+
+    Writes OUTDIR/images/*.tif and OUTDIR/labels/*.tif (each chip carries its source
+    window's transform and CRS), manifest.csv (one row per chip) and stats.json (band
+    mean/std, scale, classes, class weights) for `geoseg train`.
+
+    \b
+    Labels:
+      class-index raster  values 0..N-1 on the image grid (same CRS, size, transform);
+                          without --classes, values 0..max become class_0..class_max.
+      RGB raster          colours mapped through --classes FILE or --classes isprs.
+      GeoJSON polygons    rasterised on the image grid (reprojected if their 'crs'
+                          differs; no 'crs' member = image CRS). Pixels no polygon covers
+                          are "background": class 0 when classes are inferred, the class
+                          named "background" in a classes file (else ignored).
+                          Without --classes: numeric classes give background + class_1..,
+                          names give background + the sorted names.
+    Image nodata pixels become the ignore index in labels.
+
+    \b
+    Examples:
+      geoseg tile scene.tif --labels scene_labels.tif -o chips/
+      geoseg tile top/*.tif --labels gts/*.tif --classes isprs --size 448 --stride 224 -o chips/
+      geoseg tile ortho.tif --labels buildings.geojson --count 500 -o chips/
+      geoseg tile ortho.tif --labels landuse.geojson --class-field type -b 1 -b 2 -b 3 -o chips/
+    """
+    from geoseg_cli.tiling import tile as run_tile
+
+    summary = run_tile(
+        list(images),
+        list(labels),
+        outdir,
+        size=size,
+        stride=stride,
+        count=count,
+        classes=classes,
+        class_field=class_field,
+        class_value=class_value,
+        bidx=list(bidx) or None,
+        max_nodata=max_nodata,
+        val_fraction=val_fraction,
+        split=None if split == "auto" else split,
+        seed=seed,
+        ignore_index=ignore_index,
+        scale=scale,
+        overwrite=overwrite,
+    )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))

@@ -1,0 +1,553 @@
+"""Cut images and their labels into georeferenced training chips (DESIGN.md §4).
+
+Output folder (the contract ``geoseg train`` reads)::
+
+    OUTDIR/
+      images/<chip_id>.tif   image chip: selected bands, source dtype, nodata and CRS,
+                             transform = the source window's transform
+      labels/<chip_id>.tif   class ids (uint8, uint16 above 255), nodata = ignore index
+      manifest.csv           one row per chip: paths, source, window, split, nodata
+                             fraction, count_<class> per class
+      stats.json             band scale/mean/std (train chips), classes, class weights ...
+
+The folder is built under a temporary name and renamed on success, so a failed or
+interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.labels import ClassTable, LabelSource, open_labels, resolve_classes
+from geoseg_cli.progress import progress
+from geoseg_cli.raster import (
+    atomic_output,
+    check_output,
+    ground_resolution,
+    open_raster,
+    read_masked,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("source", "random")
+#: Random draws allowed per requested random chip (nodata draws are replaced).
+RANDOM_ATTEMPTS = 20
+
+
+def default_scale(dtype: str) -> float:
+    """Factor mapping raw values to about [0, 1]: 1/255 for uint8, 1/10000 for other
+    integers (reflectance-style uint16/int16), 1.0 for floating point."""
+    kind = np.dtype(dtype)
+    if kind == np.uint8:
+        return 1 / 255
+    return 1 / 10000 if np.issubdtype(kind, np.integer) else 1.0
+
+
+def grid_offsets(length: int, size: int, stride: int) -> list[int]:
+    """Window offsets along one axis; the last window is shifted to end at the edge."""
+    offsets = list(range(0, length - size + 1, stride))
+    if offsets[-1] != length - size:
+        offsets.append(length - size)
+    return offsets
+
+
+def grid_windows(width: int, height: int, size: int, stride: int) -> list[Window]:
+    """Row-major grid of ``size``² windows every ``stride`` pixels, all inside the raster."""
+    return [
+        Window(col, row, size, size)
+        for row in grid_offsets(height, size, stride)
+        for col in grid_offsets(width, size, stride)
+    ]
+
+
+def random_windows(
+    rng: np.random.Generator, width: int, height: int, size: int
+) -> Iterator[Window]:
+    """Endless distinct random ``size``² windows inside the raster (stops when exhausted)."""
+    seen: set[tuple[int, int]] = set()
+    total = (width - size + 1) * (height - size + 1)
+    while len(seen) < total:
+        col, row = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
+        if (col, row) not in seen:
+            seen.add((col, row))
+            yield Window(col, row, size, size)
+
+
+@dataclass
+class TileSummary:
+    """What :func:`tile` wrote."""
+
+    output: str
+    num_chips: dict[str, int]
+    skipped: int
+    sampling: str
+    split: str
+    classes: list[str]
+    class_counts: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (``geoseg tile --json``)."""
+        return {
+            "output": self.output,
+            "num_chips": self.num_chips,
+            "skipped": self.skipped,
+            "sampling": self.sampling,
+            "split": self.split,
+            "classes": self.classes,
+            "class_counts": self.class_counts,
+        }
+
+
+@dataclass
+class _Image:
+    path: str
+    prefix: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+
+
+@dataclass
+class _Chip:
+    chip_id: str
+    source: int
+    window: Window
+    nodata_fraction: float
+    counts: np.ndarray
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+    split: str = field(default="train")
+
+
+@dataclass
+class _Options:
+    bands: list[int]
+    size: int
+    max_nodata: float
+    scale: float
+    table: ClassTable
+
+
+def _check_options(
+    images: list[str],
+    labels: list[str],
+    size: int,
+    stride: int,
+    count: int | None,
+    max_nodata: float,
+    val_fraction: float,
+    split: str | None,
+    class_field: str | None,
+    class_value: int | None,
+) -> None:
+    if not images:
+        raise UsageError("give at least one image")
+    if len(labels) != len(images) and not (
+        len(labels) == 1 and Path(labels[0]).suffix.lower() in (".geojson", ".json")
+    ):
+        raise UsageError(
+            f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
+            "image (in the same order), or one GeoJSON for all images"
+        )
+    checks = [
+        (size >= 1, f"--size must be ≥ 1, not {size}"),
+        (stride >= 1, f"--stride must be ≥ 1, not {stride}"),
+        (count is None or count >= 1, f"--count must be ≥ 1, not {count}"),
+        (0 <= max_nodata <= 1, f"--max-nodata must be in [0, 1], not {max_nodata}"),
+        (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), not {val_fraction}"),
+        (split is None or split in SPLITS, f"--split must be one of {SPLITS}, not {split!r}"),
+        (
+            class_field is None or class_value is None,
+            "--class-field and --class-value exclude each other",
+        ),
+        (class_value is None or class_value >= 0, "--class-value must be ≥ 0"),
+        (
+            split != "source" or len(images) > 1 or val_fraction == 0,
+            "--split source needs several images; use --split random",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> list[_Image]:
+    infos = []
+    stems = [Path(p).stem for p in images]
+    for i, path in enumerate(images):
+        with open_raster(path) as src:
+            bad = [b for b in bidx or [] if b > src.count]
+            if bad:
+                raise UsageError(f"{path} has {src.count} band(s); band {bad[0]} does not exist")
+            if size > min(src.width, src.height):
+                raise InputError(
+                    f"chip size {size} is larger than {path} ({src.width}x{src.height} px); "
+                    f"use --size {min(src.width, src.height)} or less"
+                )
+            dtypes = {src.dtypes[b - 1] for b in bidx or src.indexes}
+            if len(dtypes) > 1:
+                raise InputError(f"{path}: bands of mixed types {sorted(dtypes)}; select bands")
+            prefix = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
+            infos.append(
+                _Image(path, prefix, src.width, src.height, len(bidx or src.indexes), dtypes.pop())
+            )
+    first = infos[0]
+    for info in infos[1:]:
+        if (info.count, info.dtype) != (first.count, first.dtype):
+            raise InputError(
+                f"{info.path} has {info.count} {info.dtype} band(s) but {first.path} has "
+                f"{first.count} {first.dtype}; tile images of one kind together (or use -b)"
+            )
+    return infos
+
+
+def _open_chip(
+    path: Path, src: rasterio.DatasetReader, window: Window, **profile: Any
+) -> rasterio.io.DatasetWriter:
+    """Open a chip GeoTIFF for writing on ``window`` of ``src``'s grid."""
+    return rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=int(window.width),
+        height=int(window.height),
+        crs=src.crs,
+        transform=window_transform(window, src.transform),
+        compress="deflate",
+        **profile,
+    )
+
+
+def _cut_source(
+    index: int,
+    image: _Image,
+    labels: LabelSource,
+    windows: Iterator[Window],
+    quota: int | None,
+    out: Path,
+    opts: _Options,
+    bar: Any,
+) -> tuple[list[_Chip], int]:
+    """Write the chips of one image; return them and the number skipped for nodata."""
+    table = opts.table
+    chips: list[_Chip] = []
+    skipped = empty = 0
+    with open_raster(image.path) as src, labels.reader(table, src) as read_labels:
+        for window in windows:
+            if quota is None:  # grid: the bar counts windows; random: accepted chips
+                bar.update()
+            data, valid = read_masked(src, window, opts.bands)
+            n_valid = int(valid.sum())
+            fraction = 1.0 - n_valid / valid.size
+            if n_valid == 0 or fraction > opts.max_nodata:
+                empty += n_valid == 0
+                skipped += 1
+                continue
+            ids = read_labels(window)
+            ids[~valid] = table.ignore_index
+            chip_id = f"{image.prefix}_{int(window.row_off):05d}_{int(window.col_off):05d}"
+            with _open_chip(
+                out / "images" / f"{chip_id}.tif", src, window, count=len(opts.bands),
+                dtype=image.dtype, nodata=src.nodata,
+            ) as dst:  # fmt: skip
+                dst.write(data)
+                if src.nodata is None and n_valid < valid.size:
+                    dst.write_mask(valid)
+            with _open_chip(
+                out / "labels" / f"{chip_id}.tif", src, window, count=1, dtype=table.dtype,
+                nodata=table.ignore_index,
+            ) as dst:  # fmt: skip
+                dst.write(ids, 1)
+                if table.dtype == "uint8":
+                    dst.write_colormap(1, {i: (*c.color, 255) for i, c in enumerate(table.classes)})
+            scaled = data[:, valid].astype(np.float64) * opts.scale
+            mean = scaled.mean(axis=1)
+            labelled = ids[ids != table.ignore_index]
+            chips.append(
+                _Chip(
+                    chip_id,
+                    index,
+                    window,
+                    fraction,
+                    np.bincount(labelled, minlength=len(table.classes)),
+                    n_valid,
+                    mean,
+                    ((scaled - mean[:, np.newaxis]) ** 2).sum(axis=1),
+                )
+            )
+            if quota is not None:
+                bar.update()
+                if len(chips) == quota:
+                    break
+    if not chips:
+        if empty == skipped and empty:
+            raise InputError(
+                f"{image.path}: every pixel is nodata in {empty} window(s); nothing to tile "
+                "(remove the image or fix its nodata value)"
+            )
+        log.warning(
+            "%s: all %d window(s) have more than %.0f%% nodata; no chips",
+            image.path,
+            skipped,
+            opts.max_nodata * 100,
+        )
+    elif quota is not None and len(chips) < quota:
+        log.warning("%s: only %d of %d random chips found", image.path, len(chips), quota)
+    return chips, skipped
+
+
+def _assign_splits(
+    chips: list[_Chip], n_sources: int, mode: str, val_fraction: float, seed: int
+) -> None:
+    rng = np.random.default_rng([seed, 1])
+    if mode == "source":
+        n_val = min(round(val_fraction * n_sources), n_sources - 1)
+        n_val = max(n_val, 1) if val_fraction > 0 and n_sources > 1 else n_val
+        val_sources = set(rng.permutation(n_sources)[:n_val].tolist())
+        for chip in chips:
+            chip.split = "val" if chip.source in val_sources else "train"
+        if val_sources and not any(c.split == "val" for c in chips):
+            log.warning("the validation image(s) gave no chips: no validation chips")
+    else:
+        n_val = min(round(val_fraction * len(chips)), len(chips) - 1)
+        for i in rng.permutation(len(chips))[:n_val]:
+            chips[i].split = "val"
+
+
+def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float]]:
+    """Merge per-chip (n, mean, M2) of train chips (Chan et al.) into mean and std."""
+    n, mean, m2 = 0, np.zeros(bands), np.zeros(bands)
+    for chip in chips:
+        if chip.split != "train":
+            continue
+        total = n + chip.n
+        delta = chip.mean - mean
+        mean = mean + delta * chip.n / total
+        m2 = m2 + chip.m2 + delta**2 * n * chip.n / total
+        n = total
+    return mean.tolist(), np.sqrt(m2 / max(n, 1)).tolist()
+
+
+def class_weights(counts: np.ndarray) -> tuple[list[float], list[float]]:
+    """Class frequencies and median-frequency weights (median / frequency; 0 if absent)."""
+    total = counts.sum()
+    freq = counts / total if total else np.zeros(len(counts))
+    present = freq > 0
+    weights = np.zeros(len(counts))
+    if present.any():
+        weights[present] = np.median(freq[present]) / freq[present]
+    return freq.tolist(), weights.tolist()
+
+
+def _write_outputs(
+    out: Path,
+    chips: list[_Chip],
+    infos: list[_Image],
+    opts: _Options,
+    stride: int | None,
+) -> np.ndarray:
+    table = opts.table
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        header = ["chip_id", "image", "label", "source", "col_off", "row_off", "width", "height"]
+        writer.writerow([*header, "split", "nodata_fraction"] + [f"count_{n}" for n in table.names])
+        for c in chips:
+            w = c.window
+            writer.writerow(
+                [
+                    c.chip_id,
+                    f"images/{c.chip_id}.tif",
+                    f"labels/{c.chip_id}.tif",
+                    infos[c.source].path,
+                    int(w.col_off),
+                    int(w.row_off),
+                    int(w.width),
+                    int(w.height),
+                    c.split,
+                    round(c.nodata_fraction, 6),
+                    *c.counts.tolist(),
+                ]
+            )
+    train = [c for c in chips if c.split == "train"]
+    counts = np.sum([c.counts for c in train], axis=0).astype(np.int64)
+    frequencies, weights = class_weights(counts)
+    mean, std = _band_stats(chips, len(opts.bands))
+    with open_raster(infos[0].path) as src:
+        resolution, approximate = ground_resolution(src)
+        nodata, crs = src.nodata, src.crs
+    if approximate:
+        log.info(
+            "geographic CRS: resolution %.3f m is approximate (at the centre latitude)", resolution
+        )
+    stats = {
+        "format_version": FORMAT_VERSION,
+        "bands": opts.bands,
+        "dtype": infos[0].dtype,
+        "scale": opts.scale,
+        "mean": mean,
+        "std": std,
+        "nodata": nodata,
+        "resolution": resolution,
+        "crs": crs.to_wkt() if crs else None,
+        "classes": table.describe(),
+        "ignore_index": table.ignore_index,
+        "class_counts": counts.tolist(),
+        "class_frequencies": frequencies,
+        "class_weights": weights,
+        "size": opts.size,
+        "stride": stride,
+        "num_chips": {"train": len(train), "val": len(chips) - len(train)},
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    return counts
+
+
+def tile(
+    images: list[str],
+    labels: list[str],
+    outdir: str | os.PathLike,
+    *,
+    size: int = 448,
+    stride: int | None = None,
+    count: int | None = None,
+    classes: str | os.PathLike | None = None,
+    class_field: str | None = None,
+    class_value: int | None = None,
+    bidx: list[int] | None = None,
+    max_nodata: float = 0.5,
+    val_fraction: float = 0.2,
+    split: str | None = None,
+    seed: int = 0,
+    ignore_index: int | None = None,
+    scale: float | None = None,
+    overwrite: bool = False,
+) -> TileSummary:
+    """Cut images and labels into georeferenced chips with a manifest and statistics.
+
+    Args:
+        images: Image rasters (anything rasterio opens).
+        labels: One label source per image (same order): class-index raster, RGB-palette
+            raster or GeoJSON; a single GeoJSON may serve every image.
+        outdir: Output folder (written atomically).
+        size: Chip size in pixels.
+        stride: Grid step (default: ``size``, no overlap). Ignored with ``count``.
+        count: Draw this many random chips (seeded) instead of a grid.
+        classes: Classes file (TOML/JSON), preset name (``isprs``) or None to infer.
+        class_field: Vector attribute holding the class (number or class name).
+        class_value: Class value burnt for every polygon (default 1 without ``class_field``).
+        bidx: 1-based bands to keep (default: all).
+        max_nodata: Skip chips with a larger nodata fraction (chips without any valid pixel
+            are always skipped).
+        val_fraction: Share of validation data.
+        split: ``"source"`` (whole images go to val) or ``"random"`` (chips go to val).
+            Default: by source with several images, random with one.
+        seed: Seed for random chips and the split.
+        ignore_index: Label id for unlabelled pixels (default: the classes file's, or 255).
+        scale: Raw-value factor (default: 1/255 uint8, 1/10000 other integers, 1 float).
+        overwrite: Replace an existing output folder.
+
+    Raises:
+        UsageError: Inconsistent options.
+        InputError: Unreadable or inconsistent inputs (grid mismatch, unknown labels ...).
+        OutputError: The output exists (without ``overwrite``) or cannot be written.
+    """
+    images, labels = [str(p) for p in images], [str(p) for p in labels]
+    stride = size if stride is None else stride
+    _check_options(
+        images, labels, size, stride, count, max_nodata, val_fraction, split, class_field,
+        class_value,
+    )  # fmt: skip
+    check_output(outdir, overwrite)
+    infos = _inspect_images(images, bidx, size)
+    sources = [open_labels(p, class_field, class_value) for p in labels]
+    if (class_field is not None or class_value is not None) and not any(
+        s.kind == "vector" for s in sources
+    ):
+        raise UsageError("--class-field/--class-value apply to vector (GeoJSON) labels only")
+    pairs = [(info, sources[i if len(sources) > 1 else 0]) for i, info in enumerate(infos)]
+    for info, source in pairs:
+        if source.kind != "vector":
+            source.check_grid(info.path)
+    table = resolve_classes(sources, classes, ignore_index)
+    bands = list(bidx or range(1, infos[0].count + 1))
+    opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table)
+    mode = split or ("source" if len(images) > 1 else "random")
+
+    rng = np.random.default_rng([seed, 0])
+    if count is None:
+        grids = [grid_windows(i.width, i.height, size, stride) for i in infos]
+        plans = [(iter(grid), None) for grid in grids]
+        total = sum(len(grid) for grid in grids)
+    else:
+        positions = np.array([(i.width - size + 1) * (i.height - size + 1) for i in infos])
+        quotas = rng.multinomial(count, positions / positions.sum())
+        # Rejected (nodata) draws are replaced, up to RANDOM_ATTEMPTS draws per chip.
+        plans = [
+            (islice(random_windows(rng, i.width, i.height, size), RANDOM_ATTEMPTS * q), int(q))
+            for i, q in zip(infos, quotas, strict=True)
+        ]
+        total = count
+
+    chips: list[_Chip] = []
+    skipped = 0
+    with atomic_output(outdir, overwrite) as out:
+        (out / "images").mkdir(parents=True)
+        (out / "labels").mkdir()
+        with progress(total=total, desc="tile", unit="chip") as bar:
+            for index, ((info, source), (windows, quota)) in enumerate(
+                zip(pairs, plans, strict=True)
+            ):
+                if quota == 0:
+                    continue
+                new, n_skipped = _cut_source(index, info, source, windows, quota, out, opts, bar)
+                chips += new
+                skipped += n_skipped
+        if not chips:
+            raise InputError(
+                f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or check "
+                "the images' nodata"
+            )
+        _assign_splits(chips, len(infos), mode, val_fraction, seed)
+        if not any(c.split == "train" for c in chips):
+            raise InputError(
+                "the training image(s) gave no chips; change --seed, lower --val-fraction or "
+                "use --split random"
+            )
+        counts = _write_outputs(out, chips, infos, opts, None if count else stride)
+    n_val = sum(c.split == "val" for c in chips)
+    summary = TileSummary(
+        output=str(outdir),
+        num_chips={"train": len(chips) - n_val, "val": n_val},
+        skipped=skipped,
+        sampling="grid" if count is None else "random",
+        split=mode,
+        classes=table.names,
+        class_counts=counts.tolist(),
+    )
+    log.info(
+        "wrote %d chips (%d train, %d val) to %s; skipped %d with too much nodata",
+        len(chips),
+        len(chips) - n_val,
+        n_val,
+        outdir,
+        skipped,
+    )
+    return summary

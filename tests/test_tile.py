@@ -1,0 +1,394 @@
+"""geoseg tile: chips, manifest and stats from class-index, palette and vector labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from conftest import ALBERS_WKT, UTM_CRS, UTM_TRANSFORM, synthetic_scene, write_geojson
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from rasterio.transform import from_origin
+from rasterio.warp import transform_geom
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from geoseg_cli.cli import cli
+from geoseg_cli.cli.tile import expand_variadic_option
+from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.labels import PRESETS, load_classes
+from geoseg_cli.tiling import grid_offsets, tile
+
+ISPRS_COLORS = np.array([c["color"] for c in PRESETS["isprs"]["classes"]], dtype=np.uint8)
+
+
+def read_manifest(outdir: Path) -> list[dict[str, str]]:
+    with open(outdir / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def mosaic_labels(outdir: Path, shape: tuple[int, int], fill: int = 254) -> np.ndarray:
+    """Paste every label chip back at its window (``fill`` where no chip lies)."""
+    out = np.full(shape, fill, dtype=np.int64)
+    for row in read_manifest(outdir):
+        r, c = int(row["row_off"]), int(row["col_off"])
+        with rasterio.open(outdir / row["label"]) as lab:
+            out[r : r + lab.height, c : c + lab.width] = lab.read(1)
+    return out
+
+
+def window_of(row: dict[str, str]) -> Window:
+    return Window(int(row["col_off"]), int(row["row_off"]), int(row["width"]), int(row["height"]))
+
+
+def test_grid_offsets_shift_the_last_window_inside() -> None:
+    assert grid_offsets(93, 32, 32) == [0, 32, 61]
+    assert grid_offsets(93, 32, 20) == [0, 20, 40, 60, 61]
+    assert grid_offsets(64, 32, 32) == [0, 32]
+    assert grid_offsets(32, 32, 7) == [0]
+
+
+def test_index_labels_chips_manifest_and_stats(scene: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "chips"
+    summary = tile([scene["image"]], [scene["labels"]], out, size=32, val_fraction=0.25, seed=1)
+
+    rows = read_manifest(out)
+    assert list(rows[0]) == [
+        "chip_id", "image", "label", "source", "col_off", "row_off", "width", "height", "split",
+        "nodata_fraction", "count_class_0", "count_class_1", "count_class_2",
+    ]  # fmt: skip
+    # 67×93 with 32 px chips: rows 0, 32, 35 × cols 0, 32, 61 (edge windows shifted inside).
+    assert sorted((int(r["row_off"]), int(r["col_off"])) for r in rows) == [
+        (r, c) for r in (0, 32, 35) for c in (0, 32, 61)
+    ]
+    assert [r["split"] for r in rows].count("val") == 2  # round(0.25 · 9)
+    assert summary.num_chips == {"train": 7, "val": 2}
+    with rasterio.open(scene["image"]) as src, rasterio.open(scene["labels"]) as lab_src:
+        valid_all = src.dataset_mask() > 0
+        image_all, labels_all = src.read(), lab_src.read(1)
+        wkt = src.crs.to_wkt()
+    assert not valid_all[:10, :12].any()
+    train_pixels, train_counts = [], np.zeros(3, dtype=np.int64)
+    for row in rows:
+        window = window_of(row)
+        sl = window.toslices()
+        expected_labels = np.where(valid_all[sl], labels_all[sl], 255)
+        with rasterio.open(out / row["image"]) as img, rasterio.open(out / row["label"]) as lab:
+            assert img.crs == UTM_CRS and lab.crs == UTM_CRS
+            assert img.transform == window_transform(window, UTM_TRANSFORM) == lab.transform
+            assert (img.count, img.dtypes[0], img.nodata) == (3, "uint8", 0)
+            assert (lab.count, lab.dtypes[0], lab.nodata) == (1, "uint8", 255)
+            np.testing.assert_array_equal(img.read(), image_all[(slice(None), *sl)])
+            np.testing.assert_array_equal(lab.read(1), expected_labels)
+            assert lab.colormap(1)[1][:3] != lab.colormap(1)[2][:3]
+        counts = np.bincount(expected_labels[expected_labels != 255], minlength=3)
+        assert [int(row[f"count_class_{i}"]) for i in range(3)] == counts.tolist()
+        assert float(row["nodata_fraction"]) == pytest.approx(1 - valid_all[sl].mean(), abs=1e-6)
+        if row["split"] == "train":
+            train_pixels.append(image_all[(slice(None), *sl)][:, valid_all[sl]] / 255)
+            train_counts += counts
+    assert float(rows[0]["nodata_fraction"]) == pytest.approx(120 / 1024, abs=1e-6)
+
+    stats = json.loads((out / "stats.json").read_text())
+    pixels = np.concatenate(train_pixels, axis=1)
+    freq = train_counts / train_counts.sum()
+    assert stats["format_version"] == 1
+    assert (stats["bands"], stats["dtype"], stats["nodata"]) == ([1, 2, 3], "uint8", 0)
+    assert stats["scale"] == pytest.approx(1 / 255)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(axis=1), rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], pixels.std(axis=1), rtol=1e-8)
+    assert stats["resolution"] == 0.5 and stats["crs"] == wkt
+    assert [c["name"] for c in stats["classes"]] == ["class_0", "class_1", "class_2"]
+    assert stats["ignore_index"] == 255
+    assert stats["class_counts"] == train_counts.tolist() == summary.class_counts
+    np.testing.assert_allclose(stats["class_frequencies"], freq)
+    np.testing.assert_allclose(stats["class_weights"], np.median(freq) / freq)
+    assert (stats["size"], stats["stride"]) == (32, 32)
+    assert stats["num_chips"] == {"train": 7, "val": 2}
+
+
+def test_uint16_scaling_nodata_skipping_and_overlap(make_raster, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 3000, size=(2, 67, 45), dtype=np.uint16)
+    image[:, :40] = 0  # nodata
+    labels = rng.integers(0, 2, size=(67, 45), dtype=np.uint8)
+    out = tmp_path / "chips"
+    summary = tile(
+        [make_raster("u16.tif", image, nodata=0)],
+        [make_raster("lab.tif", labels)],
+        out,
+        size=32,
+        stride=20,
+        bidx=[2],
+        max_nodata=0.3,
+        val_fraction=0,
+    )
+    rows = read_manifest(out)
+    # Rows 0, 20, 35 × cols 0, 13: rows 0 and 20 are ≥ 62 % nodata and skipped.
+    assert [(int(r["row_off"]), int(r["col_off"])) for r in rows] == [(35, 0), (35, 13)]
+    assert summary.skipped == 4
+    assert {r["nodata_fraction"] for r in rows} == {str(5 / 32)}
+    with rasterio.open(out / rows[0]["image"]) as img, rasterio.open(out / rows[0]["label"]) as lab:
+        assert (img.count, img.dtypes[0], img.nodata) == (1, "uint16", 0)
+        np.testing.assert_array_equal(img.read(1), image[1, 35:67, 0:32])
+        expected = np.where(image[1, 35:67, 0:32] > 0, labels[35:67, 0:32], 255)
+        np.testing.assert_array_equal(lab.read(1), expected)
+    stats = json.loads((out / "stats.json").read_text())
+    # Stats cover chip pixels: the 19 columns both chips share count twice.
+    valid = np.concatenate([image[1, 40:67, 0:32], image[1, 40:67, 13:45]], axis=1) / 10000
+    assert stats["scale"] == 1e-4 and stats["dtype"] == "uint16" and stats["bands"] == [2]
+    np.testing.assert_allclose(stats["mean"], [valid.mean()], rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], [valid.std()], rtol=1e-8)
+    assert stats["num_chips"] == {"train": 2, "val": 0}
+
+
+def test_rgb_palette_labels_with_isprs_preset(make_raster, tmp_path: Path) -> None:
+    image, ids = synthetic_scene(40, 50, num_classes=6, seed=2)
+    rgb = ISPRS_COLORS[ids].transpose(2, 0, 1).copy()
+    rgb[:, 5, :] = 0  # eroded-boundary black → ignore
+    out = tmp_path / "chips"
+    tile([make_raster("img.tif", image)], [make_raster("gt.tif", rgb)], out, size=25,
+         classes="isprs")  # fmt: skip
+    expected = ids.astype(np.int64)
+    expected[5, :] = 255
+    np.testing.assert_array_equal(mosaic_labels(out, ids.shape), expected)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["classes"][1] == {"name": "building", "color": [0, 0, 255]}
+    assert len(stats["classes"]) == 6
+
+
+def test_unknown_palette_colours_are_listed_with_counts(make_raster, tmp_path: Path) -> None:
+    image, ids = synthetic_scene(40, 50, num_classes=6)
+    rgb = ISPRS_COLORS[ids].transpose(2, 0, 1).copy()
+    rgb[:, 0, :5] = np.array([1, 2, 3])[:, None]
+    rgb[:, 1, :2] = 9
+    with pytest.raises(InputError, match=r"2 colour\(s\).*\(1,2,3\) \(5 px\), \(9,9,9\) \(2 px\)"):
+        tile([make_raster("img.tif", image)], [make_raster("gt.tif", rgb)], tmp_path / "out",
+             size=25, classes="isprs")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def _utm_box(col0: float, row0: float, col1: float, row1: float) -> dict:
+    """A polygon given in pixel edges of the UTM test grid, as GeoJSON in UTM metres."""
+    corners = [(col0, row0), (col1, row0), (col1, row1), (col0, row1), (col0, row0)]
+    return {"type": "Polygon", "coordinates": [[UTM_TRANSFORM @ c for c in corners]]}
+
+
+def test_vector_labels_reprojected_with_class_names(scene, tmp_path: Path) -> None:
+    triangle = {
+        "type": "Polygon",
+        "coordinates": [
+            [UTM_TRANSFORM @ c for c in [(50.3, 10.7), (90.1, 31.3), (60.6, 59.9), (50.3, 10.7)]]
+        ],
+    }
+    utm = [
+        (_utm_box(5, 20, 40, 50), {"kind": "pool"}),
+        (triangle, {"kind": "house"}),
+        (_utm_box(30, 40, 70, 66), {"kind": "house"}),
+    ]
+    lonlat = [(transform_geom(UTM_CRS, "EPSG:4326", g), p) for g, p in utm]
+    vectors = write_geojson(tmp_path / "v.geojson", lonlat, crs="urn:ogc:def:crs:OGC:1.3:CRS84")
+    out = tmp_path / "chips"
+    tile([scene["image"]], [vectors], out, size=32, class_field="kind")
+
+    names = {"background": 0, "house": 1, "pool": 2}
+    reference = rasterize(
+        [(g, names[p["kind"]]) for g, p in utm], out_shape=(67, 93), transform=UTM_TRANSFORM
+    ).astype(np.int64)
+    reference[:10, :12] = 255  # image nodata
+    np.testing.assert_array_equal(mosaic_labels(out, (67, 93)), reference)
+    stats = json.loads((out / "stats.json").read_text())
+    assert [c["name"] for c in stats["classes"]] == ["background", "house", "pool"]
+
+
+def test_vector_without_crs_is_in_image_crs_with_class_value(scene, tmp_path, caplog) -> None:
+    vectors = write_geojson(tmp_path / "v.geojson", [(_utm_box(0, 30, 93, 40), {})])
+    out = tmp_path / "chips"
+    with caplog.at_level(logging.INFO, logger="geoseg_cli"):
+        tile([scene["image"]], [vectors], out, size=32, class_value=3)
+    assert "has no 'crs' member" in caplog.text
+    stats = json.loads((out / "stats.json").read_text())
+    assert [c["name"] for c in stats["classes"]] == ["background", "class_1", "class_2", "class_3"]
+    mosaic = mosaic_labels(out, (67, 93))
+    assert (mosaic[30:40] == 3).all() and (mosaic[40:] == 0).all() and (mosaic[10:30] == 0).all()
+
+
+def test_wkt_only_crs_image_and_vectors(make_raster, tmp_path: Path) -> None:
+    transform = from_origin(-673_425.0, 2_130_165.0, 30.0, 30.0)
+    image = np.full((3, 41, 37), 500, dtype=np.int16)
+    image[:, :, :4] = -9999
+    path = make_raster("albers.tif", image, crs=ALBERS_WKT, transform=transform, nodata=-9999)
+    corners = [(10, 5), (30, 5), (30, 20), (10, 5)]
+    geom = {"type": "Polygon", "coordinates": [[transform @ c for c in corners]]}
+    vectors = write_geojson(tmp_path / "fields.geojson", [(geom, {"id": 1})])
+    out = tmp_path / "chips"
+    tile([path], [vectors], out, size=20, class_field="id")
+    with rasterio.open(path) as src:
+        source_crs = src.crs
+        reference = rasterize([(geom, 1)], out_shape=(41, 37), transform=transform)
+    reference = np.where(image[0] == -9999, 255, reference)
+    np.testing.assert_array_equal(mosaic_labels(out, (41, 37)), reference)
+    stats = json.loads((out / "stats.json").read_text())
+    assert CRS.from_wkt(stats["crs"]) == source_crs
+    assert stats["nodata"] == -9999 and stats["scale"] == 1e-4 and stats["dtype"] == "int16"
+    for row in read_manifest(out):
+        with rasterio.open(out / row["image"]) as img:
+            assert img.crs == source_crs and img.nodata == -9999
+            assert img.transform == window_transform(window_of(row), transform)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_classes_file_maps_values_and_sets_ignore(make_raster, tmp_path, suffix) -> None:
+    doc = {"ignore_index": 200, "classes": [{"name": "background"},
+           {"name": "road", "color": [255, 0, 0], "value": 255}]}  # fmt: skip
+    classes = tmp_path / f"classes{suffix}"
+    if suffix == ".json":
+        classes.write_text(json.dumps(doc))
+    else:
+        classes.write_text(
+            'ignore_index = 200\n[[classes]]\nname = "background"\n'
+            '[[classes]]\nname = "road"\ncolor = [255, 0, 0]\nvalue = 255\n'
+        )
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[10:20] = 255
+    image = np.full((1, 40, 40), 7, dtype=np.uint8)
+    image[0, :, :3] = 0
+    out = tmp_path / "chips"
+    tile([make_raster("img.tif", image, nodata=0)], [make_raster("road.tif", mask)], out,
+         size=40, classes=classes)  # fmt: skip
+    expected = np.where(mask == 255, 1, 0)
+    expected[:, :3] = 200
+    np.testing.assert_array_equal(mosaic_labels(out, (40, 40)), expected)
+    with rasterio.open(out / "labels" / "img_00000_00000.tif") as lab:
+        assert lab.nodata == 200
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["classes"] == [
+        {"name": "background", "color": [0, 0, 0]},
+        {"name": "road", "color": [255, 0, 0]},
+    ]
+    assert stats["ignore_index"] == 200 and stats["class_counts"] == [1110, 370]
+
+
+def test_bad_classes_file_and_uint16_labels(scene, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"classes": [{"name": "a", "colour": [1, 2, 3]}]}))
+    with pytest.raises(InputError, match=r"bad.json: class 0: unknown key\(s\) colour"):
+        load_classes(bad)
+    table = load_classes("isprs", ignore_index=300)
+    assert table.dtype == "uint16" and table.ignore_index == 300
+    out = tmp_path / "chips"
+    tile([scene["image"]], [scene["labels"]], out, size=32, ignore_index=300)
+    with rasterio.open(out / "labels" / "scene_00000_00000.tif") as lab:
+        assert (lab.dtypes[0], lab.nodata) == ("uint16", 300)
+        assert (lab.read(1)[:10, :12] == 300).all()
+
+
+def test_random_chips_are_seeded_and_split_by_fraction(scene, tmp_path: Path) -> None:
+    def windows(out: Path) -> list[tuple[int, int, str]]:
+        return [(int(r["col_off"]), int(r["row_off"]), r["split"]) for r in read_manifest(out)]
+
+    a = tile([scene["image"]], [scene["labels"]], tmp_path / "a", size=20, count=10, seed=5)
+    tile([scene["image"]], [scene["labels"]], tmp_path / "b", size=20, count=10, seed=5)
+    tile([scene["image"]], [scene["labels"]], tmp_path / "c", size=20, count=10, seed=6)
+    assert windows(tmp_path / "a") == windows(tmp_path / "b") != windows(tmp_path / "c")
+    assert a.num_chips == {"train": 8, "val": 2} and a.sampling == "random"
+    cols_rows = {(c, r) for c, r, _ in windows(tmp_path / "a")}
+    assert len(cols_rows) == 10 and all(c <= 73 and r <= 47 for c, r in cols_rows)
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["stride"] is None
+
+
+def test_split_by_source_and_cli_json(scene, make_raster, tmp_path: Path) -> None:
+    image2, labels2 = synthetic_scene(40, 64, seed=9)
+    img2, lab2 = make_raster("second.tif", image2), make_raster("second_labels.tif", labels2)
+    out = tmp_path / "chips"
+    args = ["tile", str(scene["image"]), str(img2), "--labels", str(scene["labels"]), str(lab2),
+            "-o", str(out), "--size", "32", "--val-fraction", "0.5", "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["split"] == "source"
+    rows = read_manifest(out)
+    by_source = {
+        r["source"]: {x["split"] for x in rows if x["source"] == r["source"]} for r in rows
+    }
+    assert sorted(map(sorted, by_source.values())) == [["train"], ["val"]]
+    assert summary["num_chips"] == {
+        "train": sum(r["split"] == "train" for r in rows),
+        "val": sum(r["split"] == "val" for r in rows),
+    }
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_expand_variadic_labels() -> None:
+    args = ["a.tif", "b.tif", "--labels", "la.tif", "lb.tif", "-o", "out", "--json"]
+    assert expand_variadic_option(args, "--labels") == [
+        "a.tif", "b.tif", "--labels", "la.tif", "--labels", "lb.tif", "-o", "out", "--json",
+    ]  # fmt: skip
+    assert expand_variadic_option(["--labels", "x", "--", "-y"], "--labels") == [
+        "--labels", "x", "--", "-y",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def bad_inputs(scene, make_raster, tmp_path: Path) -> dict[str, Path]:
+    image, labels = synthetic_scene(67, 93)
+    labels[30, 40] = 7
+    shifted = from_origin(583_000.5, 4_507_000.0, 0.5, 0.5)
+    vectors = write_geojson(tmp_path / "v.geojson", [(_utm_box(0, 0, 5, 5), {"kind": "a"})])
+    (tmp_path / "three.json").write_text(json.dumps({"classes": [{"name": n} for n in "abc"]}))
+    (tmp_path / "broken.tif").write_text("not a raster")
+    return {
+        **scene,
+        "shifted": make_raster("shifted.tif", labels, transform=shifted),
+        "other_crs": make_raster("other_crs.tif", labels, crs="EPSG:32617"),
+        "sevens": make_raster("sevens.tif", labels),
+        "rgb": make_raster("rgb.tif", image),
+        "empty": make_raster("empty.tif", np.zeros((1, 67, 93), np.uint8), nodata=0),
+        "vectors": vectors,
+        "three": tmp_path / "three.json",
+        "broken": tmp_path / "broken.tif",
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        (("image", "shifted"), 1, r"shifted.tif \(EPSG:32618.*origin \(583000.5.*scene.tif"),
+        (("image", "other_crs"), 1, r"other_crs.tif \(EPSG:32617.*\(EPSG:32618.*gdalwarp"),
+        (("image", "sevens", "--classes", "three"), 1, r"label value\(s\) 7 \(1 px\) are not"),
+        (("image", "vectors", "--class-field", "cls"), 1, r"no feature has attribute 'cls'.*kind"),
+        (("image", "labels", "--size", "68"), 1, r"chip size 68 is larger than .*67 or less"),
+        (("empty", "labels"), 1, r"empty.tif: every pixel is nodata"),
+        (("broken", "labels"), 1, r"broken.tif: not a readable raster"),
+        (("image", "rgb"), 2, r"rgb.tif holds RGB colours: pass --classes"),
+        (("image", "labels", "--class-value", "2"), 2, r"apply to vector \(GeoJSON\) labels only"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(bad_inputs, tmp_path, case, code, message):
+    image, labels, *rest = case
+    out = tmp_path / "out"
+    extra = [str(bad_inputs.get(x, x)) for x in rest]
+    args = ["tile", str(bad_inputs[image]), "--labels", str(bad_inputs[labels]), "-o", str(out),
+            "--size", "32", *extra]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error) == 1 and "Traceback" not in result.output
+    assert re.search(message, error[0]), error[0]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_library_usage_errors(scene, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="1 image"):
+        tile([scene["image"]], [scene["labels"], scene["labels"]], tmp_path / "o", size=32)
+    with pytest.raises(UsageError, match="--split source needs several images"):
+        tile([scene["image"]], [scene["labels"]], tmp_path / "o", size=32, split="source")
