@@ -1,0 +1,65 @@
+"""``geoseg models``: the registered SCG-Net variants and their sizes."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from geoseg_cli.cli.options import json_opt
+from models import BACKBONES, describe_models
+
+
+@click.command()
+@click.option(
+    "--classes",
+    "num_classes",
+    type=click.IntRange(min=1),
+    default=6,
+    show_default=True,
+    help="Number of output classes the parameter counts are computed for.",
+)
+@click.option(
+    "--bands",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Number of input bands the parameter counts are computed for.",
+)
+@click.option(
+    "--backbone",
+    type=click.Choice(list(BACKBONES)),
+    default="resnet50",
+    show_default=True,
+    help="ResNet trunk (resnet50 is the paper's; resnet18/34 are lighter for CPUs).",
+)
+@json_opt
+def models(num_classes: int, bands: int, backbone: str, as_json: bool) -> None:
+    """List the SCG-Net variants (paper Table III) with their parameter counts.
+
+    \b
+    Examples:
+      geoseg models
+      geoseg models --classes 6 --bands 4 --backbone resnet18 --json
+    """
+    rows = describe_models(num_classes, bands, backbone)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = ("name", "SCG", "GNN1", "GNN2", "residual", "parameters")
+    table = [
+        (
+            row["name"] + (" (default)" if row["default"] else ""),
+            row["scg"],
+            row["gnn1"],
+            row["gnn2"],
+            "yes" if row["residual"] else "no",
+            f"{row['parameters']:,}",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    for line in [header, *table]:
+        cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths[:-1], strict=True)]
+        click.echo("  ".join([*cells, line[-1].rjust(widths[-1])]))
+    click.echo(f"\n{backbone} backbone, {bands} bands, {num_classes} classes")

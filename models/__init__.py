@@ -1,0 +1,53 @@
+"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch.
+
+This package is geoseg's internal model library; import it through geoseg, not directly.
+
+Example:
+    >>> import torch
+    >>> from models import create_model
+    >>> model = create_model("scg-gcn", num_classes=6, in_channels=4).eval()
+    >>> logits = model(torch.rand(1, 4, 448, 448))  # 1×6×448×448
+"""
+
+from models.backbone import BACKBONES, ResNetTrunk, WeightsError, load_backbone_weights
+from models.losses import (
+    LOSS_KINDS,
+    LossOutput,
+    SegmentationLoss,
+    cross_entropy_loss,
+    dice_loss,
+)
+from models.net import SCGHead, SCGNet, SegmentationOutput
+from models.registry import (
+    DEFAULT_MODEL,
+    VARIANTS,
+    Variant,
+    count_parameters,
+    create_model,
+    describe_models,
+    get_variant,
+    list_models,
+)
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_MODEL",
+    "LOSS_KINDS",
+    "VARIANTS",
+    "LossOutput",
+    "ResNetTrunk",
+    "SCGHead",
+    "SCGNet",
+    "SegmentationLoss",
+    "SegmentationOutput",
+    "Variant",
+    "WeightsError",
+    "count_parameters",
+    "create_model",
+    "cross_entropy_loss",
+    "describe_models",
+    "dice_loss",
+    "get_variant",
+    "list_models",
+    "load_backbone_weights",
+]

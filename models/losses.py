@@ -1,0 +1,142 @@
+"""Segmentation losses: soft Dice (the paper's), cross-entropy, their sum, plus the SCG terms.
+
+The paper's objective (eq. 15) is L = L_dice + L_kl + L_dl; :class:`SegmentationLoss` adds
+the model's auxiliary terms to whichever segmentation loss is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.net import SegmentationOutput
+
+#: Segmentation loss kinds; ``dice`` is the paper's.
+LOSS_KINDS = ("dice", "ce", "dice+ce")
+
+
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, smooth: float = 1.0
+) -> torch.Tensor:
+    """Soft Dice loss over classes on softmax probabilities.
+
+    For each class k, Dice_k = (2·Σ p_k·y_k + s) / (Σ p_k + Σ y_k + s), sums over every valid
+    pixel of the batch; the loss is 1 − mean_k Dice_k. Pixels labelled ``ignore_index`` are
+    excluded from all sums.
+
+    Args:
+        logits: B×K×H×W class scores.
+        target: B×H×W integer labels in [0, K) or ``ignore_index``.
+        ignore_index: Label value of pixels that do not count.
+        smooth: Additive smoothing s (keeps absent classes from dividing by zero).
+
+    Returns:
+        Scalar loss in [0, 1].
+    """
+    num_classes = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)
+    probs = torch.softmax(logits.float(), dim=1) * valid
+    onehot = F.one_hot(torch.where(valid.squeeze(1), target, 0).long(), num_classes)
+    onehot = onehot.permute(0, 3, 1, 2).to(probs.dtype) * valid
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)
+    total = probs.sum(dims) + onehot.sum(dims)
+    return 1 - ((2 * intersection + smooth) / (total + smooth)).mean()
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Pixel-wise cross-entropy, weighted mean over valid pixels (0 when none is valid).
+
+    Args:
+        logits: B×K×H×W class scores.
+        target: B×H×W integer labels in [0, K) or ``ignore_index``.
+        class_weights: Optional K weights (e.g. inverse class frequencies).
+        ignore_index: Label value of pixels that do not count.
+
+    Returns:
+        Scalar loss.
+    """
+    target = target.long()
+    per_pixel = F.cross_entropy(
+        logits.float(), target, weight=class_weights, ignore_index=ignore_index, reduction="none"
+    )
+    valid = target != ignore_index
+    if class_weights is None:
+        denominator = valid.sum().to(per_pixel.dtype)
+    else:
+        denominator = (class_weights[torch.where(valid, target, 0)] * valid).sum()
+    return per_pixel.sum() / denominator.clamp(min=torch.finfo(per_pixel.dtype).tiny)
+
+
+class LossOutput(NamedTuple):
+    """Result of :class:`SegmentationLoss`.
+
+    Attributes:
+        total: The loss to back-propagate.
+        parts: Detached terms for logging: ``dice`` and/or ``ce``, ``kl``, ``dl``, ``total``.
+    """
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class SegmentationLoss(nn.Module):
+    """Segmentation loss plus the SCG auxiliary losses (paper eq. 15 with ``kind="dice"``).
+
+    Args:
+        kind: ``dice`` (the paper's), ``ce`` (cross-entropy) or ``dice+ce`` (their sum).
+        class_weights: Optional per-class weights for the cross-entropy term.
+        ignore_index: Label value of pixels that do not count.
+    """
+
+    def __init__(
+        self,
+        kind: str = "dice",
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {kind!r}; valid losses: {', '.join(LOSS_KINDS)}")
+        self.kind = kind
+        self.ignore_index = ignore_index
+        weights = None
+        if class_weights is not None:
+            weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights)
+
+    def forward(
+        self, output: SegmentationOutput | torch.Tensor, target: torch.Tensor
+    ) -> LossOutput:
+        """Loss of a model output against labels.
+
+        Args:
+            output: A training-mode :class:`SegmentationOutput` (its ``kl_loss`` and
+                ``dl_loss`` are added) or plain logits (segmentation term only).
+            target: B×H×W labels.
+
+        Returns:
+            The total and its detached parts.
+        """
+        parts: dict[str, torch.Tensor] = {}
+        logits = output.logits if isinstance(output, SegmentationOutput) else output
+        if self.kind in ("dice", "dice+ce"):
+            parts["dice"] = dice_loss(logits, target, self.ignore_index)
+        if self.kind in ("ce", "dice+ce"):
+            parts["ce"] = cross_entropy_loss(logits, target, self.class_weights, self.ignore_index)
+        if isinstance(output, SegmentationOutput):
+            parts["kl"] = output.kl_loss
+            parts["dl"] = output.dl_loss
+        total = torch.stack(list(parts.values())).sum()
+        parts = {key: value.detach() for key, value in parts.items()}
+        parts["total"] = total.detach()
+        return LossOutput(total, parts)
