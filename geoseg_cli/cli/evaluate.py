@@ -1,0 +1,84 @@
+"""``geoseg evaluate``: score a predicted class map against reference labels."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from geoseg_cli.cli.options import json_opt
+from geoseg_cli.evaluate import evaluate as run_evaluation
+from geoseg_cli.evaluate import resolve_classes
+
+
+@click.command()
+@click.argument("pred")
+@click.argument("labels")
+@click.option(
+    "--classes",
+    default=None,
+    metavar="SPEC",
+    help="Class names: a count (6), comma-separated names, a checkpoint (best.pt), "
+    "stats.json, a classes file (TOML/JSON) or a preset (isprs). Default: the names "
+    "geoseg predict stored in PRED, else class ids found in the data.",
+)
+@click.option(
+    "--ignore-index",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Label value that is not scored.  [default: from --classes, else 255]",
+)
+@click.option(
+    "--boundary-erosion",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="R",
+    help="Do not score label pixels within R px of another class (ISPRS uses 3).",
+)
+@click.option(
+    "--exclude-from-mean",
+    multiple=True,
+    metavar="NAME",
+    help="Class (name or id) left out of mF1 and mIoU, repeatable (ISPRS: clutter).",
+)
+@json_opt
+def evaluate(
+    pred: str,
+    labels: str,
+    classes: str | None,
+    ignore_index: int | None,
+    boundary_erosion: int,
+    exclude_from_mean: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Score the class map PRED against the reference LABELS (same grid).
+
+    Prints OA, per-class precision, recall, F1 and IoU, mF1 and mIoU; --json adds the
+    confusion matrix (rows: reference, columns: prediction). PRED nodata pixels count as
+    errors; LABELS nodata and ignore-index pixels are not scored.
+
+    \b
+    Examples:
+      geoseg evaluate scene_pred.tif scene_labels.tif
+      geoseg evaluate pred.tif gt.tif --classes isprs --boundary-erosion 3 \\
+          --exclude-from-mean clutter --json
+    """
+    names, count, source_ignore = None, None, None
+    if classes is not None:
+        spec, source_ignore = resolve_classes(classes)
+        names, count = (None, spec) if isinstance(spec, int) else (spec, None)
+    ignore = ignore_index if ignore_index is not None else source_ignore
+    metrics = run_evaluation(
+        pred,
+        labels,
+        classes=names,
+        num_classes=count,
+        ignore_index=255 if ignore is None else ignore,
+        boundary_erosion=boundary_erosion,
+        exclude_from_mean=exclude_from_mean,
+    )
+    if as_json:
+        click.echo(json.dumps(metrics.to_dict(), indent=2))
+    else:
+        click.echo(metrics.to_table())

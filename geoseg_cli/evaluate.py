@@ -1,0 +1,216 @@
+"""Score a predicted class map against reference labels, streamed by strips of rows.
+
+Memory is O(width × block rows), independent of the raster height. With boundary erosion
+R, each strip is read with R extra rows above and below so that pixels near strip borders
+are eroded exactly as in a whole-raster computation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
+from geoseg_cli.progress import progress
+from geoseg_cli.raster import describe_grid, open_raster, same_grid
+
+log = logging.getLogger(__name__)
+
+#: Pixels per strip when no block size is given (a few arrays of this many int64 values).
+BLOCK_PIXELS = 1 << 20
+
+
+def evaluate(
+    pred_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = 255,
+    boundary_erosion: int = 0,
+    exclude_from_mean: Sequence[str | int] = (),
+    block_rows: int | None = None,
+) -> Metrics:
+    """Confusion matrix and scores of a class map against reference labels (band 1 each).
+
+    Args:
+        pred_path: Predicted class map (e.g. the output of ``geoseg predict``). Its nodata
+            pixels count as "no prediction" (errors of their reference class).
+        label_path: Reference class ids on the same grid. Its nodata pixels and
+            ``ignore_index`` pixels are not scored.
+        classes: Class names; their number fixes K. Default: ``num_classes``, else the
+            names ``geoseg predict`` stored in the prediction's tags, else K grows to the
+            largest class id present in labels or prediction.
+        num_classes: Number of classes when no names are given.
+        ignore_index: Label value that is not scored (never a class id), or None.
+        boundary_erosion: Radius R in pixels: reference pixels within R px of another
+            class are not scored (ISPRS "eroded boundaries"); 0 scores every pixel.
+        exclude_from_mean: Class names or indexes left out of mF1 and mIoU (e.g. clutter).
+        block_rows: Rows per strip read at a time (default: about a million pixels).
+
+    Returns:
+        The scores (:meth:`Metrics.to_dict` for JSON).
+
+    Raises:
+        InputError: Unreadable files, grids that differ, a non-integer class map, or label
+            values outside the classes.
+        UsageError: Inconsistent class options or a negative erosion radius.
+    """
+    if boundary_erosion < 0:
+        raise UsageError(f"--boundary-erosion must be ≥ 0, got {boundary_erosion}")
+    if classes is not None:
+        if num_classes is not None and num_classes != len(classes):
+            raise UsageError(f"{len(classes)} class names but num_classes={num_classes}")
+        num_classes = len(classes)
+    if ignore_index is not None and num_classes is not None and 0 <= ignore_index < num_classes:
+        raise UsageError(
+            f"ignore index {ignore_index} is a class id (0..{num_classes - 1}); "
+            "choose a value outside the classes, e.g. 255"
+        )
+    with open_raster(pred_path) as pred_src, open_raster(label_path) as label_src:
+        _check_grids(pred_src, label_src)
+        for src in (pred_src, label_src):
+            if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+                raise InputError(
+                    f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
+                    "give integer class ids (e.g. the uint8 output of geoseg predict)"
+                )
+        if classes is None and num_classes is None:
+            classes = _tagged_classes(pred_src)
+            num_classes = None if classes is None else len(classes)
+        if pred_src.count > 1:
+            log.warning("%s has %d bands; scoring band 1", pred_src.name, pred_src.count)
+        matrix = ConfusionMatrix(num_classes, ignore_index)
+        radius = boundary_erosion
+        height = label_src.height
+        block_rows = block_rows or max(1, BLOCK_PIXELS // label_src.width)
+        starts = range(0, height, block_rows)
+        for row in progress(starts, desc="evaluate", unit="strip"):
+            rows = min(block_rows, height - row)
+            pred = _read_ids(pred_src, row, rows)
+            top = max(row - radius, 0)
+            bottom = min(row + rows + radius, height)
+            labels = _read_ids(label_src, top, bottom - top)
+            mask = None
+            if radius:
+                halo = np.pad(
+                    labels,
+                    ((top - (row - radius), row + rows + radius - bottom), (0, 0)),
+                    constant_values=-1,
+                )
+                mask = ~boundary_mask(halo, radius, ignore_index)[radius : radius + rows]
+            core = labels[row - top : row - top + rows]
+            try:
+                matrix.update(pred, core, mask)
+            except ValueError as exc:
+                raise InputError(
+                    f"{label_path}: {exc}; give --classes with every class, or set "
+                    "--ignore-index to the label value that marks unlabelled pixels"
+                ) from exc
+    names = list(classes) if classes is not None else None
+    excluded = _class_indexes(exclude_from_mean, names, matrix.num_classes)
+    metrics = matrix.metrics(names, excluded, boundary_erosion)
+    if metrics.pixels == 0:
+        log.warning("%s: no labelled pixel was scored", label_path)
+    return metrics
+
+
+def _tagged_classes(src: rasterio.DatasetReader) -> list[str] | None:
+    """Class names from the ``CLASSES`` tag that ``geoseg predict`` writes, if present."""
+    try:
+        tagged = json.loads(src.tags().get("CLASSES", "null"))
+        names = [str(tagged[str(i)]) for i in range(len(tagged))] if tagged else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    if names:
+        log.info("classes from %s: %s", src.name, ", ".join(names))
+    return names
+
+
+def resolve_classes(spec: str) -> tuple[list[str] | int, int | None]:
+    """Interpret a ``--classes`` value.
+
+    Args:
+        spec: A class count (``6``), comma-separated names (``road,building,tree``), a
+            checkpoint (``best.pt``), a ``stats.json`` of ``geoseg tile``, a classes file
+            (TOML/JSON) or a preset name (``isprs``).
+
+    Returns:
+        (class names or count, the ignore index the source defines or None).
+
+    Raises:
+        InputError: An unreadable or malformed file.
+    """
+    from geoseg_cli.labels import PRESETS, load_classes
+
+    if spec.isdigit():
+        return int(spec), None
+    path = Path(spec)
+    if path.suffix.lower() == ".pt":
+        from geoseg_cli.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        return [c.name for c in ckpt.classes], ckpt.ignore_index
+    if path.is_file() and path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        if isinstance(doc, dict) and "bands" in doc:  # stats.json of geoseg tile
+            from geoseg_cli.data import load_stats
+
+            stats = load_stats(path)
+            return [c.name for c in stats.classes], stats.ignore_index
+    if path.is_file() or spec in PRESETS:
+        table = load_classes(spec)
+        return table.names, table.ignore_index
+    names = [name.strip() for name in spec.split(",")]
+    if len(names) < 2 or not all(names):
+        raise UsageError(
+            f"--classes {spec}: no such classes file; give a count, comma-separated names, "
+            f"a classes file, a checkpoint or a preset ({', '.join(PRESETS)})"
+        )
+    return names, None
+
+
+def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
+    """Band 1 rows as int64 with nodata pixels set to -1 (no class, no prediction)."""
+    raw = src.read(1, window=Window(0, row, src.width, rows))
+    values = raw.astype(np.int64)
+    if src.nodata is not None and not math.isnan(src.nodata):
+        values[raw == src.nodata] = -1
+    return values
+
+
+def _check_grids(pred: rasterio.DatasetReader, labels: rasterio.DatasetReader) -> None:
+    if not same_grid(pred, labels):
+        raise InputError(
+            f"{pred.name} ({describe_grid(pred)}) and {labels.name} ({describe_grid(labels)}) "
+            "are not on the same grid; predict on the labels' image, or resample the "
+            "prediction onto the label grid (gdalwarp -r near with the labels' -te/-tr/-t_srs)"
+        )
+
+
+def _class_indexes(
+    wanted: Sequence[str | int], names: Sequence[str] | None, num_classes: int
+) -> list[int]:
+    """Map class names (or integer ids, also as digit strings) to indexes."""
+    indexes = []
+    for item in wanted:
+        if names is not None and item in names:
+            indexes.append(list(names).index(item))
+        elif str(item).isdigit() and int(item) < num_classes:
+            indexes.append(int(item))
+        else:
+            valid = ", ".join(names) if names is not None else f"0..{num_classes - 1}"
+            raise UsageError(f"--exclude-from-mean {item}: no such class; valid: {valid}")
+    return indexes

@@ -1,0 +1,276 @@
+"""Training configuration: the paper's defaults, flat TOML files, and resume rules.
+
+A run is defined by one flat :class:`TrainConfig`. ``geoseg train`` resolves it from the
+defaults, an optional ``--config FILE.toml`` (keys are the field names; dashes or
+underscores) and explicit flags, in that order, and saves the result as
+``RUN_DIR/config.toml``, which ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geoseg_cli.errors import UsageError
+from geoseg_cli.raster import atomic_output
+
+#: Paper's initial learning rate.
+DEFAULT_LR = 8.5e-5 / math.sqrt(2)
+#: Validation scores that can choose ``best.pt`` (higher is better).
+BEST_METRICS = ("miou", "mf1", "oa")
+#: Config keys that may change when resuming (they do not change what is learnt).
+RESUME_OVERRIDES = ("chips_dir", "epochs", "device", "amp", "workers", "overwrite")
+#: Per-invocation settings that are not saved with the run.
+NOT_SAVED = ("overwrite",)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; defaults follow the SCG-Net paper.
+
+    Attributes:
+        chips_dir: Folder written by ``geoseg tile``.
+        output: Run folder (created if missing).
+        variant: Model name from the registry (``geoseg models``).
+        backbone: ``resnet50`` (paper), ``resnet34`` or ``resnet18``.
+        window: Training crop size in pixels (multiple of 16).
+        epochs: Number of epochs.
+        batch_size: Chips per step (per process under torchrun).
+        lr: Initial learning rate (paper: 8.5e-5/√2).
+        weight_decay: L2 weight decay on weights; none on biases and norm parameters.
+        bias_lr_factor: Learning-rate multiplier for biases.
+        poly_power: Power of the polynomial decay over all steps.
+        lr_step_epochs: Multiply the learning rate by ``lr_step_gamma`` every so many epochs.
+        lr_step_gamma: That factor.
+        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted) or ``dice+ce``.
+        flips: Random horizontal and vertical flips (p = 0.5 each).
+        rot90: Random rotations by multiples of 90°.
+        best_metric: Validation score that selects ``best.pt``: miou, mf1 or oa.
+        exclude_from_mean: Class names left out of the validation mF1/mIoU (e.g. clutter).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        amp: Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        workers: Data-loading worker processes.
+        seed: Seed of initialisation, chip order, augmentations and SCG sampling.
+        backbone_weights: Local torchvision-format ImageNet ResNet weights, or None.
+        overwrite: Replace an existing run in ``output``.
+    """
+
+    chips_dir: Path
+    output: Path
+    variant: str = "scg-gcn"
+    backbone: str = "resnet50"
+    window: int = 448
+    epochs: int = 50
+    batch_size: int = 4
+    lr: float = DEFAULT_LR
+    weight_decay: float = 2e-5
+    bias_lr_factor: float = 2.0
+    poly_power: float = 0.9
+    lr_step_epochs: int = 15
+    lr_step_gamma: float = 0.85
+    loss: str = "dice"
+    flips: bool = True
+    rot90: bool = False
+    best_metric: str = "miou"
+    exclude_from_mean: list[str] = field(default_factory=list)
+    device: str = "auto"
+    amp: bool = True
+    workers: int = 2
+    seed: int = 0
+    backbone_weights: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.chips_dir = Path(self.chips_dir)
+        self.output = Path(self.output)
+        if self.backbone_weights is not None:
+            self.backbone_weights = Path(self.backbone_weights)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        """Build a config from plain values (a TOML document, CLI flags), checking types.
+
+        Keys may use dashes or underscores (``batch-size`` = ``batch_size``).
+
+        Raises:
+            UsageError: Unknown key, wrong type, or missing chips_dir/output.
+        """
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in hints:
+                raise UsageError(
+                    f"{source}: unknown setting {key!r}; valid settings: {', '.join(hints)}"
+                )
+            values[name] = _coerce(name, hints[name], value, source)
+        missing = [name for name in ("chips_dir", "output") if name not in values]
+        if missing:
+            raise UsageError(f"{source}: give CHIPS_DIR and -o RUN_DIR (missing {missing})")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (paths as strings, None left out), the content of config.toml."""
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            data[f.name] = str(value) if isinstance(value, Path) else value
+        return data
+
+    def validate(self) -> None:
+        """Check value ranges and names.
+
+        Raises:
+            UsageError: The first invalid setting, with the valid choices.
+        """
+        from models import BACKBONES, LOSS_KINDS, list_models
+
+        choices = {
+            "variant": list_models(),
+            "backbone": list(BACKBONES),
+            "loss": list(LOSS_KINDS),
+            "best_metric": list(BEST_METRICS),
+            "device": ["auto", "cpu", "cuda"],
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UsageError(
+                    f"{name} {getattr(self, name)!r} is unknown; valid: {', '.join(valid)}"
+                )
+        if self.window < 16 or self.window % 16:
+            raise UsageError(f"window {self.window} must be a multiple of 16 (e.g. 448)")
+        positive = ("epochs", "batch_size", "lr", "lr_step_epochs", "lr_step_gamma")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "bias_lr_factor", "poly_power", "workers"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+
+
+def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
+    """Check ``value`` against a TrainConfig field type (int, float, str, bool, Path, list)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    kind = next(t for t in options if t is not type(None))
+    ok = False
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind in (str, Path):
+        ok = isinstance(value, str | Path)
+        value = kind(value) if ok else value
+    elif typing.get_origin(kind) is list:
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        value = list(value) if ok else value
+    if not ok:
+        expected = getattr(kind, "__name__", str(kind))
+        raise UsageError(f"{source}: {name} must be {expected}, not {value!r}")
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat TOML config file (keys are TrainConfig fields).
+
+    Raises:
+        UsageError: Missing file, invalid TOML, or TOML tables (the config is flat).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file; check the --config path")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`"
+            ) from exc
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from exc
+    tables = [key for key, value in data.items() if isinstance(value, dict)]
+    if tables:
+        raise UsageError(f"{path}: the config is flat key = value pairs; remove tables {tables}")
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def write_config_file(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Save ``config`` as flat TOML (readable by :func:`read_config_file`), atomically."""
+    lines = ["# geoseg train configuration (resolved); reuse with --config", ""]
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_SAVED}
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def resume_config(
+    run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """The configuration of the run in ``run_dir``, with allowed overrides applied.
+
+    Args:
+        run_dir: A run folder holding ``config.toml`` and ``last.pt``.
+        overrides: New values; only :data:`RESUME_OVERRIDES` may differ from the saved run.
+
+    Raises:
+        UsageError: No saved configuration, or an override that would change the run.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no config.toml; --resume needs a folder from geoseg train")
+    saved = TrainConfig.from_dict({**read_config_file(path), "output": run_dir}, str(path))
+    values = saved.to_dict()
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in (overrides or {}).items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise UsageError(f"unknown setting {key!r}; valid settings: {', '.join(hints)}")
+        if name == "output" or value is None:
+            continue
+        value = _coerce(name, hints[name], value, "resume")
+        if name not in RESUME_OVERRIDES and value != getattr(saved, name):
+            raise UsageError(
+                f"{name.replace('_', '-')} cannot change when resuming (the run in {run_dir} "
+                f"used {getattr(saved, name)!r}); only {', '.join(RESUME_OVERRIDES)} may, or "
+                "start a new run"
+            )
+        values[name] = value
+    return TrainConfig.from_dict(values, str(path))

@@ -1,0 +1,120 @@
+"""geoseg evaluate: streamed scoring of class-map rasters (library and CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from conftest import write_raster
+from rasterio.transform import from_origin
+from test_metrics import HAND_CONFUSION, LABELS, PRED
+
+from geoseg_cli.cli import cli
+from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.evaluate import evaluate
+from geoseg_cli.metrics import ConfusionMatrix, boundary_mask
+
+
+@pytest.fixture
+def hand_rasters(tmp_path):
+    """The hand example of test_metrics as rasters; PRED's 255 is its nodata."""
+    return (
+        write_raster(tmp_path / "pred.tif", PRED.astype(np.uint8), nodata=255),
+        write_raster(tmp_path / "labels.tif", LABELS.astype(np.uint8)),
+    )
+
+
+def test_cli_json_matches_hand_computation(hand_rasters):
+    pred, labels = hand_rasters
+    args = ["evaluate", str(pred), str(labels), "--classes", "a,b,c"]
+    result = CliRunner().invoke(cli, [*args, "--exclude-from-mean", "c", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["confusion_matrix"] == HAND_CONFUSION
+    assert d["pixels"] == 11 and d["unpredicted"] == 1
+    assert d["oa"] == pytest.approx(7 / 11)
+    assert d["mf1"] == pytest.approx((6 / 8 + 6 / 9) / 2)
+    assert d["miou"] == pytest.approx((3 / 5 + 3 / 6) / 2)
+    assert [c["name"] for c in d["classes"]] == ["a", "b", "c"]
+    assert d["classes"][1]["recall"] == pytest.approx(3 / 5)
+    assert d["excluded_from_mean"] == ["c"]
+
+
+def test_cli_table_output(hand_rasters):
+    pred, labels = hand_rasters
+    result = CliRunner().invoke(cli, ["evaluate", str(pred), str(labels), "--classes", "3"])
+    assert result.exit_code == 0, result.output
+    assert "class_1" in result.stdout
+    assert "OA 0.6364" in result.stdout and "1 without prediction" in result.stdout
+
+
+def test_streamed_erosion_equals_whole_raster(tmp_path):
+    """Strips of 5 rows with R=3 must erode exactly as one whole-array computation."""
+    rng = np.random.default_rng(7)
+    labels = np.kron(rng.integers(0, 4, size=(9, 8)), np.ones((5, 4), dtype=np.int64))[:43, :29]
+    labels[rng.random(labels.shape) < 0.03] = 255
+    pred = np.where(rng.random(labels.shape) < 0.8, labels, rng.integers(0, 4, labels.shape))
+    pred[labels == 255] = 0
+    write_raster(tmp_path / "p.tif", pred.astype(np.uint8))
+    write_raster(tmp_path / "l.tif", labels.astype(np.uint8))
+    streamed = evaluate(
+        tmp_path / "p.tif", tmp_path / "l.tif", num_classes=4, boundary_erosion=3, block_rows=5
+    )
+    whole = ConfusionMatrix(4)
+    whole.update(pred, labels, mask=~boundary_mask(labels, 3))
+    np.testing.assert_array_equal(streamed.confusion, whole.counts[:, :4])
+    uneroded = evaluate(tmp_path / "p.tif", tmp_path / "l.tif", num_classes=4, block_rows=5)
+    assert streamed.pixels < uneroded.pixels == int((labels != 255).sum())
+    assert streamed.oa > uneroded.oa  # errors were placed at random, erosion removes some
+    assert streamed.boundary_erosion == 3
+
+
+def test_label_nodata_is_not_scored_and_classes_come_from_pred_tags(tmp_path):
+    labels = np.array([[0, 1, 9], [1, 1, 0]], dtype=np.uint8)  # 9 is the label nodata
+    pred = np.array([[0, 1, 1], [0, 1, 0]], dtype=np.uint8)
+    write_raster(tmp_path / "l.tif", labels, nodata=9)
+    path = write_raster(tmp_path / "p.tif", pred)
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(CLASSES=json.dumps({"0": "ground", "1": "roof"}))
+    m = evaluate(path, tmp_path / "l.tif")
+    assert m.classes == ["ground", "roof"]
+    assert m.confusion.tolist() == [[2, 0], [1, 2]]
+
+
+def test_grid_mismatch_is_an_error(tmp_path, hand_rasters):
+    pred, _ = hand_rasters
+    shifted = from_origin(583_000.5, 4_507_000.0, 0.5, 0.5)  # one pixel east
+    labels = write_raster(tmp_path / "shifted.tif", LABELS.astype(np.uint8), transform=shifted)
+    with pytest.raises(InputError, match="not on the same grid"):
+        evaluate(pred, labels)
+    result = CliRunner().invoke(cli, ["evaluate", str(pred), str(labels)])
+    assert result.exit_code == 1
+    assert "not on the same grid" in result.output and "Traceback" not in result.output
+
+
+def test_label_outside_classes_and_bad_options(hand_rasters):
+    pred, labels = hand_rasters
+    with pytest.raises(InputError, match=r"label values \[2\] are outside the 2 classes"):
+        evaluate(pred, labels, num_classes=2)
+    with pytest.raises(UsageError, match="no such class"):
+        evaluate(pred, labels, classes=["a", "b", "c"], exclude_from_mean=["clutter"])
+    with pytest.raises(UsageError, match="ignore index 1 is a class id"):
+        evaluate(pred, labels, num_classes=3, ignore_index=1)
+
+
+def test_classes_from_a_classes_file(tmp_path, hand_rasters):
+    pred, labels = hand_rasters
+    classes = tmp_path / "classes.toml"
+    classes.write_text(
+        'ignore_index = 255\n[[classes]]\nname = "x"\n[[classes]]\nname = "y"\n'
+        '[[classes]]\nname = "z"\n'
+    )
+    args = ["evaluate", str(pred), str(labels), "--classes", str(classes), "--json"]
+    result = CliRunner().invoke(cli, [*args, "--exclude-from-mean", "2"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert [c["name"] for c in d["classes"]] == ["x", "y", "z"]
+    assert d["excluded_from_mean"] == ["z"]
