@@ -127,8 +127,11 @@ class ModelInfo:
             raise CheckpointError(
                 f"{path}: {len(classes)} class names for a {model.num_classes}-class model"
             )
-        if not len(input_spec.bands) == len(input_spec.mean) == len(input_spec.std) == (
-            model.in_channels
+        if (
+            not len(input_spec.bands)
+            == len(input_spec.mean)
+            == len(input_spec.std)
+            == (model.in_channels)
         ):
             raise CheckpointError(
                 f"{path}: bands/mean/std do not match the model's {model.in_channels} channels"

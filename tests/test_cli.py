@@ -45,7 +45,9 @@ def _group_raising(exc: BaseException) -> click.Group:
 
 def test_library_errors_become_one_line_messages() -> None:
     runner = CliRunner()
-    result = runner.invoke(_group_raising(InputError("a.tif: no such file; check the path")), ["boom"])
+    result = runner.invoke(
+        _group_raising(InputError("a.tif: no such file; check the path")), ["boom"]
+    )
     assert result.exit_code == 1
     assert result.output.strip() == "Error: a.tif: no such file; check the path"
     assert "Traceback" not in result.output

@@ -1,0 +1,126 @@
+"""``geoseg export``: turn a checkpoint into a model file other tools can run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from geoseg_cli.cli.options import json_opt, overwrite_opt
+from geoseg_cli.errors import UsageError
+
+
+@click.group()
+def export() -> None:
+    """Export a trained checkpoint to another format.
+
+    \b
+    Example:
+      geoseg export onnx run/best.pt -o model.onnx
+    """
+
+
+@export.command("onnx")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX file to write (default: CHECKPOINT with .onnx, _fp16.onnx or _int8.onnx).",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(min=17),
+    default=17,
+    show_default=True,
+    help="ONNX opset (17 runs in the onnxruntime bundled with QGIS).",
+)
+@click.option(
+    "--dynamic-size",
+    is_flag=True,
+    help="Dynamic height/width (GeoDeep and QGIS Deepness need the default fixed window).",
+)
+@click.option("--fp16", is_flag=True, help="Half-precision weights, for GPU inference.")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Dynamic int8 quantization for CPU inference: 4× smaller; check the class "
+    "agreement it reports.",
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Recommended stride in pixels written to the metadata (default: half the window); "
+    "sets tiles_overlap for GeoDeep/Deepness.",
+)
+@click.option(
+    "--resolution",
+    type=float,
+    default=None,
+    help="Ground resolution in cm/px for GeoDeep/Deepness (default: from the checkpoint).",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=1e-4,
+    show_default=True,
+    help="Largest accepted fp32 probability difference to PyTorch in the parity check.",
+)
+@overwrite_opt
+@json_opt
+def onnx(
+    checkpoint: Path,
+    output: Path | None,
+    opset: int,
+    dynamic_size: bool,
+    fp16: bool,
+    int8: bool,
+    stride: int | None,
+    resolution: float | None,
+    tolerance: float,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Export CHECKPOINT to ONNX with its metadata, then check parity with PyTorch.
+
+    The graph takes `image` (float32, N×C×T×T, band values scaled to [0, 1]) and returns
+    `probabilities` (N×K×T×T); standardization and softmax are inside. The file runs in
+    geoseg predict, GeoDeep and QGIS Deepness.
+
+    \b
+    Examples:
+      geoseg export onnx run/best.pt -o model.onnx
+      geoseg export onnx run/best.pt --int8 -o model_int8.onnx
+      geodeep scene.tif model.onnx -t mask
+    """
+    from geoseg_cli.export import export_onnx
+
+    if fp16 and int8:
+        raise UsageError("--fp16 and --int8 exclude each other; pick one")
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    if output is None:
+        suffix = ".onnx" if precision == "fp32" else f"_{precision}.onnx"
+        output = checkpoint.with_name(checkpoint.stem + suffix)
+    result = export_onnx(
+        checkpoint,
+        output,
+        opset=opset,
+        dynamic_size=dynamic_size,
+        precision=precision,
+        stride=stride,
+        resolution=resolution,
+        tolerance=tolerance,
+        overwrite=overwrite,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(
+        f"wrote {result.path} ({result.precision}, opset {result.opset}, "
+        f"{result.size_bytes / 1e6:.1f} MB); parity with PyTorch: "
+        f"max abs diff {result.max_abs_diff:.3g}, "
+        f"classes agree on {100 * result.class_agreement:.2f}% of pixels"
+    )

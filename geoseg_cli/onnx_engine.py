@@ -1,0 +1,218 @@
+"""Run an exported geoseg ONNX model with ONNX Runtime (the ``.onnx`` side of the engine seam).
+
+An ONNX file written by ``geoseg export onnx`` describes itself: the ``geoseg`` metadata key
+holds the same :class:`~geoseg_cli.checkpoint.ModelInfo` a checkpoint carries, so predict
+reads classes, bands, scaling and window from it exactly as from a ``.pt``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from geoseg_cli.checkpoint import ModelInfo, file_hash
+from geoseg_cli.errors import CheckpointError, GeosegError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: Metadata key that holds geoseg's own model description (a JSON object).
+GEOSEG_METADATA_KEY = "geoseg"
+
+#: ONNX Runtime log severity: 3 = errors only (no provider-fallback warnings).
+_ORT_LOG_ERRORS_ONLY = 3
+
+
+def import_onnx_dependency(name: str) -> ModuleType:
+    """Import ``onnx``, ``onnxruntime`` or ``onnxscript``, or explain how to install it.
+
+    Raises:
+        GeosegError: The package is not installed (one line with the pip command).
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise GeosegError(
+            f"{name} is not installed; ONNX support needs: pip install 'geoseg[onnx]'"
+        ) from exc
+
+
+def select_providers(device: str, available: list[str]) -> list[str]:
+    """ONNX Runtime execution providers for ``device`` (``auto``, ``cpu`` or ``cuda``).
+
+    CUDA is used only when the installed runtime offers it and ``device`` is not ``cpu``;
+    CPU is always the fallback.
+
+    Raises:
+        UsageError: ``cuda`` was asked for but this onnxruntime has no CUDA provider.
+    """
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise UsageError(
+            "--device cuda was asked for but this onnxruntime has no CUDA provider; "
+            "install onnxruntime-gpu (pip install 'geoseg[gpu]') or use --device cpu"
+        )
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(
+    path: str | os.PathLike, providers: list[str], threads: int | None = None
+) -> Any:
+    """Open an ONNX model in ONNX Runtime with full graph optimisation and quiet logs.
+
+    Args:
+        path: The ``.onnx`` file.
+        providers: Execution providers in order of preference.
+        threads: Intra-op threads (None: ONNX Runtime's default, one per physical core).
+
+    Raises:
+        CheckpointError: The file is missing or is not a loadable ONNX model.
+    """
+    ort = import_onnx_dependency("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX model file; check the path")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = _ORT_LOG_ERRORS_ONLY
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable ONNX model ({first_line}); "
+            "use a file written by geoseg export onnx"
+        ) from exc
+
+
+def read_geoseg_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> dict[str, Any]:
+    """The decoded ``geoseg`` metadata object of an ONNX model.
+
+    Raises:
+        CheckpointError: The key is missing (a foreign ONNX file) or is not a JSON object.
+    """
+    if GEOSEG_METADATA_KEY not in metadata:
+        raise CheckpointError(
+            f"{path}: ONNX model has no geoseg metadata; export it with "
+            "geoseg export onnx CHECKPOINT.pt (foreign ONNX models cannot be used)"
+        )
+    try:
+        data = json.loads(metadata[GEOSEG_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: geoseg metadata is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: geoseg metadata is not a JSON object")
+    return data
+
+
+class OnnxEngine:
+    """Runs an ONNX model exported by geoseg with ONNX Runtime (CUDA provider when usable).
+
+    Attributes:
+        info: The model description read from the ``geoseg`` metadata.
+        model_hash: Short SHA-256 of the ``.onnx`` file.
+        metadata: The decoded ``geoseg`` metadata (``info`` plus export details such as
+            ``recommended_stride`` and ``precision``).
+        input_size: The fixed window size of the graph, or None when it takes any size.
+        providers: The execution providers in use.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, device: str = "auto", threads: int | None = None
+    ) -> None:
+        ort = import_onnx_dependency("onnxruntime")
+        self.path = Path(path)
+        requested = select_providers(device, ort.get_available_providers())
+        self.session = create_session(self.path, requested, threads)
+        self.metadata = read_geoseg_metadata(
+            self.path, self.session.get_modelmeta().custom_metadata_map
+        )
+        self.info = ModelInfo.from_dict(self.metadata, self.path)
+        self.model_hash = file_hash(self.path)
+        self.providers = self.session.get_providers()
+        if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
+            message = (
+                "onnxruntime could not start its CUDA provider (check the CUDA and cuDNN "
+                "libraries onnxruntime-gpu needs)"
+            )
+            if device == "cuda":
+                raise UsageError(f"{message}; use --device cpu")
+            log.warning("%s; running %s on the CPU", message, self.path)
+        (graph_input,) = self.session.get_inputs()
+        self.input_name = graph_input.name
+        height, width = graph_input.shape[-2:]
+        self.input_size = height if isinstance(height, int) and height == width else None
+        log.debug("ONNX Runtime engine (%s) for %s", ", ".join(self.providers), self.path)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (N×K×H×W float32) for scaled input windows (N×C×H×W float32).
+
+        Raises:
+            UsageError: The model was exported for a fixed window and ``batch`` has another.
+        """
+        if self.input_size is not None and batch.shape[-2:] != (self.input_size,) * 2:
+            raise UsageError(
+                f"{self.path} was exported for {self.input_size}×{self.input_size} windows, "
+                f"not {batch.shape[-2]}×{batch.shape[-1]}; use --window {self.input_size} or "
+                "re-export with geoseg export onnx --dynamic-size"
+            )
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        (probabilities,) = self.session.run(None, feed)
+        return probabilities.astype(np.float32, copy=False)
+
+
+def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``geoseg info model.onnx`` shows: the geoseg description plus the graph's
+    opset, inputs, outputs and the Deepness/GeoDeep metadata keys.
+
+    Raises:
+        CheckpointError: The file is not a readable ONNX model or has no geoseg metadata.
+    """
+    onnx = import_onnx_dependency("onnx")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX model file; check the path")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends for foreign files
+        raise CheckpointError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); "
+            "use a file written by geoseg export onnx"
+        ) from exc
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    geoseg = read_geoseg_metadata(path, metadata)
+    info = ModelInfo.from_dict(geoseg, path)
+    description = info.describe()
+    description.update({k: v for k, v in geoseg.items() if k not in description})
+    description["onnx"] = {
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "inputs": [_value_info(v) for v in proto.graph.input],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+        "metadata": {k: v for k, v in metadata.items() if k != GEOSEG_METADATA_KEY},
+        "size_bytes": path.stat().st_size,
+        "sha256": file_hash(path),
+    }
+    return description
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    """Name, element type and shape (ints or symbolic names) of a graph input/output."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+        "shape": shape,
+    }
