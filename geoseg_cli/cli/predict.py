@@ -1,0 +1,197 @@
+"""``geoseg predict``: segment rasters of any size with a trained model."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from geoseg_cli.cli.options import (
+    bidx_opt,
+    creation_options_opt,
+    device_opt,
+    overwrite_opt,
+)
+
+
+class _OptionalChoice(click.Choice):
+    """A choice for an option whose value may be omitted (``--tta`` alone means ``flip``).
+
+    click takes the next word as the value, so ``--tta scene.tif`` would swallow the input;
+    the error then says how to write it.
+    """
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(
+            f"{value!r} is not one of {', '.join(self.choices)}; put {param.opts[0]} after the "
+            f"inputs or give its value (e.g. {param.opts[0]} {self.choices[0]})",
+            param,
+            ctx,
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    help="Output GeoTIFF (one input) or existing folder (several inputs). "
+    "[default: <stem>_pred.tif in the current folder]",
+)
+@click.option(
+    "-m",
+    "--model",
+    required=True,
+    help="Checkpoint (.pt from geoseg train) or ONNX model (.onnx from geoseg export).",
+)
+@click.option(
+    "--tta",
+    type=_OptionalChoice(["flip", "d4"]),
+    is_flag=False,
+    flag_value="flip",
+    default=None,
+    help="Test-time augmentation: --tta = identity + horizontal + vertical flip (the "
+    "paper's), --tta d4 = the 8 dihedral views. [default: off]",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Window size T in pixels, a multiple of 16. [default: the model's training window]",
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Step between windows (overlap = T - stride). [default: T/2]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Images (windows x TTA views) per forward pass; results do not depend on it.",
+)
+@device_opt
+@bidx_opt
+@click.option(
+    "--nodata",
+    type=float,
+    default=None,
+    help="Input nodata value, overriding the raster's (pixels equal to it in every band "
+    "are not predicted). [default: the raster's mask/nodata]",
+)
+@click.option(
+    "--bounds",
+    type=float,
+    nargs=4,
+    default=None,
+    metavar="LEFT BOTTOM RIGHT TOP",
+    help="Predict only this part of the raster (in its CRS).",
+)
+@click.option(
+    "--probabilities",
+    is_flag=True,
+    help="Also write per-class probabilities to <output stem>_probabilities.tif.",
+)
+@click.option(
+    "--probability-dtype",
+    type=click.Choice(["uint8", "float32"]),
+    default="uint8",
+    show_default=True,
+    help="Probability encoding: uint8 is round(255 * p), float32 is p.",
+)
+@click.option(
+    "--cog",
+    is_flag=True,
+    help="Write Cloud-Optimized GeoTIFFs with overviews (GDAL's COG driver; --co options "
+    "then apply to it).",
+)
+@click.option(
+    "--vector",
+    default=None,
+    help="Also write class polygons as GeoJSON (a file, or a folder for several inputs).",
+)
+@creation_options_opt
+@overwrite_opt
+def predict(
+    inputs: tuple[str, ...],
+    output: str | None,
+    model: str,
+    tta: str | None,
+    window: int | None,
+    stride: int | None,
+    batch_size: int,
+    device: str,
+    bidx: tuple[int, ...],
+    nodata: float | None,
+    bounds: tuple[float, float, float, float] | None,
+    probabilities: bool,
+    probability_dtype: str,
+    cog: bool,
+    vector: str | None,
+    creation_options: dict[str, str],
+    overwrite: bool,
+) -> None:
+    """Segment rasters with a trained model; print the paths written.
+
+    Windows of size T slide with the given stride; softmax probabilities are blended with
+    a smooth weight window, so there are no seams. Memory does not grow with the raster
+    height. Nodata pixels stay nodata (255) in the uint8 class map, which keeps the input's
+    CRS, transform and size and carries a colour table. Under torchrun, each rank
+    predicts its share of the inputs.
+
+    \b
+    Examples:
+      geoseg predict scene.tif --model run/best.pt --tta
+      geoseg predict scene.tif -m run/best.pt --window 448 --stride 100 --tta  # the paper
+      geoseg predict tiles/*.tif -o out/ -m model.onnx --cog --vector polygons/
+      geoseg predict scene.tif -m best.pt -o pred.tif --probabilities --co COMPRESS=LZW
+    """
+    from geoseg_cli.engine import load_engine
+    from geoseg_cli.predict import (
+        PredictOptions,
+        distributed_rank,
+        output_paths,
+        predict_rasters,
+        shard,
+        vector_paths,
+    )
+
+    rank, world_size = distributed_rank()
+    outputs = output_paths(inputs, output)
+    vectors = vector_paths(vector, outputs)
+    inputs, outputs, vectors = (shard(x, rank, world_size) for x in (inputs, outputs, vectors))
+    if not inputs:
+        return
+    if world_size > 1 and device != "cpu":
+        _use_local_gpu()
+    engine = load_engine(model, device)
+    options = PredictOptions(
+        window=window,
+        stride=stride,
+        tta=tta,
+        batch_size=batch_size,
+        bands=bidx or None,
+        nodata=nodata,
+        bounds=bounds,
+        probabilities=probability_dtype if probabilities else None,
+        cog=cog,
+        creation_options=creation_options,
+        overwrite=overwrite,
+    )
+    for result in predict_rasters(engine, inputs, outputs, vectors, options):
+        for path in (result.output, result.probabilities, result.vector):
+            if path is not None:
+                click.echo(path)
+
+
+def _use_local_gpu() -> None:
+    """Under torchrun, put each rank on its own GPU (LOCAL_RANK)."""
+    import torch
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -1,0 +1,63 @@
+"""Test-time augmentation: dihedral views of square windows and their inverses.
+
+A view is a horizontal flip (optional) followed by ``k`` quarter turns, applied to the last
+two axes of an ``N×C×H×W`` array. ``flip`` is the paper's set (identity, horizontal flip,
+vertical flip); ``d4`` is all eight symmetries of the square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from geoseg_cli.errors import UsageError
+
+#: TTA set names accepted by :func:`tta_views` (``None`` means no TTA).
+TTA_SETS = ("flip", "d4")
+
+
+@dataclass(frozen=True)
+class View:
+    """One dihedral view: flip left-right if ``flip``, then rotate ``k`` quarter turns."""
+
+    name: str
+    k: int = 0
+    flip: bool = False
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """The view of ``x`` (``...×H×W``); H and W must be equal when ``k`` is odd."""
+        if self.flip:
+            x = np.flip(x, axis=-1)
+        return np.rot90(x, self.k, axes=(-2, -1))
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """Map ``y`` computed on the view back to the original orientation."""
+        y = np.rot90(y, -self.k, axes=(-2, -1))
+        if self.flip:
+            y = np.flip(y, axis=-1)
+        return y
+
+
+IDENTITY = View("identity")
+HFLIP = View("hflip", flip=True)
+VFLIP = View("vflip", k=2, flip=True)
+
+
+def tta_views(tta: str | None) -> tuple[View, ...]:
+    """Views for a TTA set: ``None`` → identity only, ``"flip"`` → 3, ``"d4"`` → 8.
+
+    Raises:
+        UsageError: Unknown set name.
+    """
+    if tta is None:
+        return (IDENTITY,)
+    if tta == "flip":
+        return (IDENTITY, HFLIP, VFLIP)
+    if tta == "d4":
+        return tuple(
+            View(f"rot{90 * k}{'-hflip' if flip else ''}", k=k, flip=flip)
+            for flip in (False, True)
+            for k in range(4)
+        )
+    raise UsageError(f"unknown TTA set {tta!r}; use one of {', '.join(TTA_SETS)}")

@@ -1,0 +1,440 @@
+"""geoseg predict: window arithmetic, TTA, seamless blending, GeoTIFF output, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
+from geoseg_cli.cli import cli
+from geoseg_cli.errors import InputError
+from geoseg_cli.predict import PredictOptions, output_paths, predict_raster
+from geoseg_cli.tta import tta_views
+from geoseg_cli.windows import Grid, coverage, reflect_indices, window_starts
+from tests.conftest import ALBERS_WKT, UTM_CRS, UTM_TRANSFORM, save_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+
+def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+class StandIn:
+    """An Engine whose probabilities are ``fn(batch)``; counts forward passes and images."""
+
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        num_classes: int = 3,
+        channels: int = 3,
+        dtype: str = "uint8",
+        window: int = 32,
+        fail_after: int | None = None,
+    ) -> None:
+        self.info = ModelInfo(
+            model=ModelSpec("stand-in", "none", num_classes, channels),
+            classes=[ClassInfo(f"c{i}", (i, 2 * i, 3 * i)) for i in range(num_classes)],
+            ignore_index=255,
+            input=InputSpec(list(range(1, channels + 1)), dtype, 1 / 255, [0.0] * channels,
+                            [1.0] * channels),
+            window=window,
+        )  # fmt: skip
+        self.model_hash = "0123456789abcdef"
+        self.fn = fn
+        self.fail_after = fail_after
+        self.calls = self.images = 0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        assert batch.dtype == np.float32 and batch.shape[2] == batch.shape[3]
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.images += len(batch)
+        return self.fn(batch)
+
+
+def pixelwise(batch: np.ndarray) -> np.ndarray:
+    """The identity stand-in: probabilities are a fixed function of each input pixel."""
+    return softmax(8 * batch)
+
+
+def box_blur(batch: np.ndarray) -> np.ndarray:
+    """A flip- and rotation-equivariant stand-in: softmax of a symmetric 3×3 mean."""
+    p = np.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = batch.shape[2:]
+    mean = sum(p[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
+    return softmax(8 * mean)
+
+
+def left_difference(batch: np.ndarray) -> np.ndarray:
+    """Not flip-equivariant: depends on the pixel to the left."""
+    return softmax(8 * (batch - np.roll(batch, 1, axis=-1)))
+
+
+def read(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as ds:
+        return ds.read(), {
+            "crs": ds.crs,
+            "transform": ds.transform,
+            "nodata": ds.nodata,
+            "dtype": ds.dtypes[0],
+            "colormap": ds.colormap(1) if ds.count == 1 else None,
+            "tags": ds.tags(),
+            "mask": ds.dataset_mask(),
+            "descriptions": ds.descriptions,
+        }
+
+
+# --- pure window arithmetic ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "stride"),
+    [(93, 32, 16), (67, 48, 20), (10, 64, 7), (64, 64, 64), (1, 16, 5)],
+)
+def test_grid_covers_each_pixel_and_writes_each_row_once(size, window, stride):
+    starts = window_starts(size, window, stride)
+    assert np.all(np.diff(starts) == stride)
+    m = (window - stride) // 2
+    assert starts[0] == -m and starts[-1] + window - m >= size
+    assert starts[-1] - stride + window - m < size or len(starts) == 1  # no extra window
+    assert coverage(starts, window, size).min() > 0
+    grid = Grid(size, size, window, stride)
+    written = np.concatenate(
+        [np.arange(*grid.finished_rows(b)) for b in range(len(grid.row_starts))]
+    )
+    np.testing.assert_array_equal(written, np.arange(size))
+
+
+@pytest.mark.parametrize(("start", "stop", "size"), [(-5, 12, 7), (-20, 30, 3), (0, 4, 1)])
+def test_reflect_indices_match_numpy_pad(start, stop, size):
+    padded = np.pad(np.arange(size), (max(0, -start), max(0, stop - size)), mode="reflect")
+    expected = padded[start + max(0, -start) : stop + max(0, -start)]
+    np.testing.assert_array_equal(reflect_indices(start, stop, size), expected)
+
+
+# --- TTA --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tta", ["flip", "d4"])
+def test_tta_views_invert_and_are_distinct(tta):
+    x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
+    views = tta_views(tta)
+    assert len(views) == {"flip": 3, "d4": 8}[tta]
+    for view in views:
+        np.testing.assert_array_equal(view.invert(view.apply(x)), x)
+    assert len({view.apply(x).tobytes() for view in views}) == len(views)
+
+
+def test_tta_equivariant_model_gives_plain_output(make_raster, tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8)
+    source = make_raster("img.tif", image)
+    results = {}
+    for tta in (None, "flip", "d4"):
+        engine = StandIn(box_blur)
+        out = tmp_path / f"blur_{tta}.tif"
+        options = PredictOptions(window=32, stride=16, tta=tta, probabilities="float32")
+        predict_raster(engine, source, out, options)
+        results[tta] = read(out.with_name(f"{out.stem}_probabilities.tif"))[0]
+        views = {None: 1, "flip": 3, "d4": 8}[tta]
+        assert engine.images == views * Grid(50, 70, 32, 16).count  # every window, every view
+    np.testing.assert_allclose(results["flip"], results[None], atol=2e-6)
+    np.testing.assert_allclose(results["d4"], results[None], atol=2e-6)
+    # A model that is not flip-equivariant does change with TTA (so TTA really runs).
+    plain = tmp_path / "diff.tif"
+    flipped = tmp_path / "diff_tta.tif"
+    for out, tta in ((plain, None), (flipped, "flip")):
+        predict_raster(StandIn(left_difference), source, out, PredictOptions(32, 16, tta))
+    assert not np.array_equal(read(plain)[0], read(flipped)[0])
+
+
+# --- blending: no seams -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "window", "stride"),
+    [(67, 93, 32, 16), (67, 93, 48, 20), (67, 93, 64, 64), (67, 93, 32, 5), (20, 27, 64, 24)],
+)
+def test_identity_model_reproduces_input_without_seams(make_raster, tmp_path, height, width,
+                                                       window, stride):  # fmt: skip
+    rng = np.random.default_rng(height * window + stride)
+    image = rng.integers(0, 256, (3, height, width), dtype=np.uint8)
+    image[:, :5, :9] = 0  # nodata corner
+    source = make_raster("img.tif", image, nodata=0)
+    out = tmp_path / "pred.tif"
+    options = PredictOptions(
+        window, stride, batch_size=5, probabilities="float32",
+        creation_options={"BLOCKXSIZE": "16", "BLOCKYSIZE": "16"},
+    )  # fmt: skip
+    predict_raster(StandIn(pixelwise, window=window), source, out, options)
+    expected = pixelwise(image[np.newaxis] / np.float32(255))[0]
+    valid = np.ones((height, width), bool)
+    valid[:5, :9] = False
+    probs, meta = read(out.with_name("pred_probabilities.tif"))
+    np.testing.assert_allclose(probs[:, valid], expected[:, valid], rtol=0, atol=1e-6)
+    classes, meta = read(out)
+    np.testing.assert_array_equal(classes[0][valid], expected.argmax(0)[valid])
+    assert np.all(classes[0][~valid] == 255)
+    assert np.array_equal(meta["mask"] > 0, valid)  # mask of the probabilities as well
+    assert np.all(probs[:, ~valid] == 0)
+
+
+def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
+    image = np.random.default_rng(2).integers(1, 256, (3, 60, 80), dtype=np.uint8)
+    source = make_raster("img.tif", image)
+    t = UTM_TRANSFORM
+    bounds = (t.c + 10 * t.a, t.f + 50 * t.e, t.c + 45 * t.a, t.f + 20 * t.e)
+    bands = []
+
+    def recording(band, offsets):
+        bands.append(band)
+        for o in offsets:
+            yield pixelwise(band[np.newaxis, :, :, o : o + 32])[0]
+
+    out = tmp_path / "part.tif"
+    options = PredictOptions(32, 16, bounds=bounds)
+    predict_raster(StandIn(pixelwise), source, out, options, predictor=recording)
+    part, meta = read(out)
+    assert part.shape == (1, 30, 35)
+    assert meta["transform"] == rasterio.windows.transform(Window(10, 20, 35, 30), t)
+    expected = pixelwise(image[np.newaxis, :, 20:50, 10:45] / np.float32(255))[0].argmax(0)
+    np.testing.assert_array_equal(part[0], expected)
+    # Windows start 8 px (half the overlap) before the part: real pixels, not reflections.
+    np.testing.assert_allclose(bands[0] * 255, image[:, 12:44, 2:66], atol=1e-4)
+
+
+# --- a real SCG-Net checkpoint through the CLI ---------------------------------------------
+
+
+def run(args: list[str]) -> object:
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_batch_size_does_not_change_the_result(scene, tmp_path):
+    # Seed 10 predicts two classes on this scene with top-2 margins >= 3e-5, far above the
+    # ~1e-6 that batch size changes in float32 convolutions.
+    checkpoint = save_tiny_checkpoint(tmp_path / "varied.pt", seed=10)
+    outs = []
+    for batch in (1, 7):
+        out = tmp_path / f"b{batch}.tif"
+        result = run([
+            "-q", "predict", str(scene["image"]), "-m", str(checkpoint), "-o", str(out),
+            "--stride", "20", "--batch-size", str(batch), "--probabilities",
+            "--probability-dtype", "float32", "--tta",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert result.output.splitlines() == [
+            str(out),
+            str(tmp_path / f"b{batch}_probabilities.tif"),
+        ]
+        outs.append((read(out)[0], read(tmp_path / f"b{batch}_probabilities.tif")[0]))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+    with rasterio.open(scene["image"]) as src:
+        nodata = src.dataset_mask() == 0
+    assert nodata[:10, :12].all()  # the scene's nodata corner
+    np.testing.assert_array_equal(outs[0][0][0] == 255, nodata)
+    counts = np.bincount(outs[0][0][0][~nodata], minlength=3)
+    assert counts.sum() == (~nodata).sum() and np.sort(counts)[-2] > 500  # two classes at least
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform"),
+    [
+        (UTM_CRS, UTM_TRANSFORM),
+        (CRS.from_epsg(4326), from_origin(-77.05, 38.91, 2.7e-6, 2.7e-6)),
+        (CRS.from_wkt(ALBERS_WKT), from_origin(1_612_345.0, 1_987_654.0, 30.0, 30.0)),
+    ],
+    ids=["utm", "wgs84", "albers-wkt"],
+)
+def test_output_keeps_georeferencing_nodata_and_colours(make_raster, tiny_checkpoint, tmp_path,
+                                                        monkeypatch, crs, transform):  # fmt: skip
+    image = np.random.default_rng(3).integers(1, 256, (3, 45, 61), dtype=np.uint8)
+    image[:, :, :7] = 0  # collar
+    image[:, -4:, :] = 0
+    source = make_raster("scene.tif", image, crs=crs, transform=transform, nodata=0)
+    monkeypatch.chdir(tmp_path)
+    tta = ["--stride", "32", "--tta", "d4"] if crs == UTM_CRS else []  # fast: 4 windows
+    result = run(["-q", "predict", str(source), "--model", str(tiny_checkpoint), *tta])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "scene_pred.tif"
+    assert result.output.strip() == str(out)
+    classes, meta = read(out)
+    with rasterio.open(source) as src:
+        assert meta["crs"] == src.crs
+        assert meta["crs"].to_epsg() == src.crs.to_epsg()
+        assert meta["crs"].to_dict() == src.crs.to_dict()
+        assert meta["transform"] == src.transform
+    assert classes.shape == (1, 45, 61) and meta["dtype"] == "uint8" and meta["nodata"] == 255
+    collar = (image == 0).all(axis=0)
+    np.testing.assert_array_equal(classes[0] == 255, collar)
+    assert meta["colormap"][1] == (40, 215, 128, 255)
+    assert meta["colormap"][255] == (0, 0, 0, 0)
+    assert meta["descriptions"] == ("class",)
+    tags = meta["tags"]
+    assert json.loads(tags["CLASSES"]) == {"0": "class_0", "1": "class_1", "2": "class_2"}
+    assert (tags["WINDOW"], tags["STRIDE"]) == ("32", "32" if tta else "16")
+    assert tags["TTA"] == ("d4" if tta else "none")
+    assert len(tags["MODEL_HASH"]) == 16 and tags["GEOSEG_VERSION"]
+    with rasterio.open(out) as ds:
+        assert ds.profile["tiled"] and ds.compression.name == "deflate"
+
+
+def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
+    image = np.full((3, 70, 90), 40, dtype=np.uint8)
+    image[0] = 200
+    image[:2, 10:50, 20:75] = [[[40]], [[200]]]  # a class-1 rectangle over many windows
+    image[:, :6, :] = 0  # nodata strip
+    source = make_raster("rect.tif", image, nodata=0)
+    engine = StandIn(lambda b: softmax(8 * b[:, :2]), num_classes=2)
+    monkeypatch.setattr("geoseg_cli.engine.load_engine", lambda path, device: engine)
+    out, vector = tmp_path / "rect_cog.tif", tmp_path / "rect.geojson"
+    result = run([
+        "-q", "predict", str(source), "-m", "stand-in.pt", "-o", str(out), "--cog",
+        "--co", "BLOCKSIZE=32", "--vector", str(vector), "--window", "32",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ds.overviews(1)[0] == 2
+        assert ds.colormap(1)[1] == (1, 2, 3, 255) and ds.tags()["TTA"] == "none"
+        assert ds.crs == UTM_CRS and ds.transform == UTM_TRANSFORM
+    collection = json.loads(vector.read_text())
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32618"
+    features = collection["features"]
+    # One polygon per class, merged across window borders; nodata gives none.
+    assert sorted(f["properties"]["class_id"] for f in features) == [0, 1]
+    rect = next(f for f in features if f["properties"]["class_id"] == 1)
+    xs, ys = zip(*rect["geometry"]["coordinates"][0], strict=True)
+    assert (min(xs), max(xs)) == (UTM_TRANSFORM.c + 10, UTM_TRANSFORM.c + 37.5)
+    assert (max(ys), min(ys)) == (UTM_TRANSFORM.f - 5, UTM_TRANSFORM.f - 25)
+
+
+def test_many_inputs_into_folder_and_torchrun_sharding(scene, tiny_checkpoint, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    second = tmp_path / "second.tif"
+    second.write_bytes(scene["image"].read_bytes())
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    args = ["-q", "predict", str(scene["image"]), str(second), "-m", str(tiny_checkpoint),
+            "-o", f"{outdir}/", "--stride", "32"]  # fmt: skip
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [str(outdir / "second_pred.tif")]
+    assert sorted(p.name for p in outdir.iterdir()) == ["second_pred.tif"]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    result = run([*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in outdir.iterdir()) == ["scene_pred.tif", "second_pred.tif"]
+    np.testing.assert_array_equal(read(outdir / "scene_pred.tif")[0],
+                                  read(outdir / "second_pred.tif")[0])  # fmt: skip
+
+
+def test_output_paths_rules(tmp_path):
+    assert output_paths(["a/x.tif"], None) == [Path.cwd() / "x_pred.tif"]
+    assert output_paths(["s3://b/y.tif?v=1"], tmp_path) == [tmp_path / "y_pred.tif"]
+    with pytest.raises(Exception, match="existing folder"):
+        output_paths(["a.tif", "b.tif"], tmp_path / "one.tif")
+    with pytest.raises(Exception, match="same file name"):
+        output_paths(["a/x.tif", "b/x.tif"], tmp_path)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_band_count_and_dtype_mismatch(make_raster, tiny_checkpoint, tmp_path):
+    gray = make_raster("gray.tif", np.ones((1, 40, 40), dtype=np.uint8))
+    result = run(["predict", str(gray), "-m", str(tiny_checkpoint), "-o", str(tmp_path / "g.tif")])
+    assert result.exit_code == 1
+    assert "gray.tif has 1 band(s) but the model reads band(s) [1, 2, 3]" in result.output
+    result = run(["predict", str(gray), "-m", str(tiny_checkpoint), "-b", "1"])
+    assert result.exit_code == 2 and "-b gave 1 band(s) but the model takes 3" in result.output
+    wide = make_raster("wide.tif", np.ones((3, 40, 40), dtype=np.uint16))
+    result = run(["predict", str(wide), "-m", str(tiny_checkpoint), "-o", str(tmp_path / "w.tif")])
+    assert result.exit_code == 1
+    assert "wide.tif has uint16 bands but the model was trained on uint8" in result.output
+    assert not (tmp_path / "g.tif").exists() and not (tmp_path / "w.tif").exists()
+
+
+def test_uint16_single_band_model_with_band_selection(make_raster, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "pan.pt", in_channels=1, dtype="uint16")
+    image = np.random.default_rng(4).integers(0, 4000, (2, 40, 50), dtype=np.uint16)
+    source = make_raster("pan.tif", image)
+    out = tmp_path / "pan_pred.tif"
+    result = run(["-q", "predict", str(source), "-m", str(ckpt), "-b", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read(out)[0].shape == (1, 40, 50) and read(out)[0].max() < 3
+
+
+def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    image = str(scene["image"])
+    result = run(["predict", image, "-m", str(bad), "-o", str(tmp_path / "x.tif")])
+    assert result.exit_code == 1 and "bad.pt: not a readable geoseg checkpoint" in result.output
+    existing = tmp_path / "exists.tif"
+    existing.write_bytes(b"keep me")
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "-o", str(existing)])
+    assert result.exit_code == 1 and "pass --overwrite" in result.output
+    assert existing.read_bytes() == b"keep me"
+    out = ["-o", str(tmp_path / "x.tif")]
+    result = run(["predict", "--tta", image, "-m", str(tiny_checkpoint), *out])
+    assert result.exit_code == 2 and "put --tta after the inputs" in result.output
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--window", "40", *out])
+    assert result.exit_code == 2 and "multiple of 16" in result.output
+    vector = str(tmp_path / "x.gpkg")
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
+    assert result.exit_code == 2 and "only GeoJSON" in result.output
+
+
+def test_nodata_value_from_option_or_checkpoint(make_raster, tmp_path):
+    image = np.random.default_rng(5).integers(1, 256, (3, 40, 50), dtype=np.uint8)
+    image[:, :, :6] = 7  # a border of 7s, with no nodata set in the raster
+    source = make_raster("border.tif", image)
+    border = np.zeros((40, 50), bool)
+    border[:, :6] = True
+    out = tmp_path / "opt.tif"
+    predict_raster(StandIn(pixelwise), source, out, PredictOptions(32, 16, nodata=7))
+    np.testing.assert_array_equal(read(out)[0][0] == 255, border)
+    engine = StandIn(pixelwise)
+    engine.info.input.nodata = 7  # trained with nodata 7: used when the raster has no mask
+    out = tmp_path / "ckpt.tif"
+    predict_raster(engine, source, out, PredictOptions(32, 16))
+    np.testing.assert_array_equal(read(out)[0][0] == 255, border)
+
+
+def test_all_nodata_input_is_refused(make_raster, tmp_path):
+    source = make_raster("empty.tif", np.zeros((3, 30, 30), dtype=np.uint8), nodata=0)
+    engine = StandIn(pixelwise)
+    with pytest.raises(InputError, match="every pixel of the predicted area is nodata"):
+        predict_raster(engine, source, tmp_path / "empty_pred.tif")
+    assert engine.calls == 0 and not (tmp_path / "empty_pred.tif").exists()
+
+
+def test_ctrl_c_leaves_no_output_and_no_temp(scene, tmp_path, monkeypatch):
+    engine = StandIn(pixelwise, fail_after=3)
+    monkeypatch.setattr("geoseg_cli.engine.load_engine", lambda path, device: engine)
+    before = sorted(tmp_path.iterdir())
+    out = tmp_path / "interrupted.tif"
+    result = run([
+        "predict", str(scene["image"]), "-m", "m.pt", "-o", str(out), "--batch-size", "1",
+        "--probabilities", "--vector", str(tmp_path / "v.geojson"),
+    ])  # fmt: skip
+    assert result.exit_code == 1 and "interrupted" in result.output
+    assert engine.calls == 3
+    assert sorted(tmp_path.iterdir()) == before
