@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from geoseg_cli import __version__
-from geoseg_cli.errors import CheckpointError
+from geoseg_cli.errors import CheckpointError, first_line
 from geoseg_cli.raster import atomic_output
 
 FORMAT_VERSION = 1
@@ -203,9 +203,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: not a readable geoseg checkpoint ({first_line}); "
+            f"{path}: not a readable geoseg checkpoint ({first_line(exc)}); "
             "use a .pt written by geoseg train"
         ) from exc
     return checkpoint_from_dict(data, path)

@@ -23,3 +23,9 @@ class OutputError(GeosegError):
 
 class CheckpointError(GeosegError):
     """A checkpoint or ONNX model is corrupt, foreign or inconsistent."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from geoseg_cli.checkpoint import ModelInfo, file_hash
-from geoseg_cli.errors import CheckpointError, GeosegError, UsageError
+from geoseg_cli.errors import CheckpointError, GeosegError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,8 @@ def create_session(
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: not a loadable ONNX model ({first_line}); "
+            f"{path}: not a loadable ONNX model ({first_line(exc)}); "
             "use a file written by geoseg export onnx"
         ) from exc
 

@@ -55,7 +55,7 @@ def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
 
     corrupt = tmp_path / "broken.pt"
     corrupt.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="broken.pt: not a readable geoseg checkpoint"):
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable geoseg checkpoint"):
         load_checkpoint(corrupt)
 
     with pytest.raises(CheckpointError, match="no such checkpoint"):
