@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,9 +202,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint file; use a .pt written by geoseg train"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: holds Python objects besides tensors and plain containers, which geoseg "
+            "never unpickles; use a .pt written by geoseg train"
+        ) from exc
+    except Exception as exc:  # torch raises many types for corrupt files
         raise CheckpointError(
             f"{path}: not a readable geoseg checkpoint ({first_line(exc)}); "
             "use a .pt written by geoseg train"

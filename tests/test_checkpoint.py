@@ -55,7 +55,7 @@ def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
 
     corrupt = tmp_path / "broken.pt"
     corrupt.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable geoseg checkpoint"):
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a PyTorch checkpoint file"):
         load_checkpoint(corrupt)
 
     with pytest.raises(CheckpointError, match="no such checkpoint"):
@@ -72,4 +72,11 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path) -> None:
         _checkpoint(input=InputSpec([1, 2], "uint8", 1 / 255, [0.5, 0.5], [0.2, 0.2])), path
     )
     with pytest.raises(CheckpointError, match="3 channels"):
+        load_checkpoint(path)
+
+
+def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save({"format_version": 1, "payload": ClassInfo("a", (1, 2, 3))}, path)
+    with pytest.raises(CheckpointError, match="never unpickles"):
         load_checkpoint(path)
