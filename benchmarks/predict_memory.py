@@ -10,6 +10,7 @@ Usage::
     python benchmarks/predict_memory.py                       # SCG-Net resnet18, T=256
     python benchmarks/predict_memory.py --engine stand-in     # cheap numpy engine
     python benchmarks/predict_memory.py --sizes 4096x4096 16384x4096 --markdown
+    python benchmarks/predict_memory.py --predict-engine window   # the per-window method
 
 Sizes are HEIGHTxWIDTH. Synthetic 3-band uint8 rasters (tiled, DEFLATE) are written once
 to ``--data`` and reused.
@@ -120,7 +121,11 @@ def child(args: argparse.Namespace) -> None:
     result = {}
     if args.raster:
         options = PredictOptions(
-            window=args.window, stride=args.stride, batch_size=args.batch_size, overwrite=True
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            engine=args.predict_engine,
+            overwrite=True,
         )
         out = predict_raster(engine, args.raster, args.output, options)
         result["windows"] = out.windows
@@ -144,10 +149,16 @@ def measure(argv: list[str]) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=["scg", "stand-in"], default="scg")
+    parser.add_argument(
+        "--predict-engine",
+        choices=["shared", "window"],
+        default="shared",
+        help="predict's method (the stand-in always runs the window engine).",
+    )
     parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--stride", type=int, default=192)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path("/tmp/geoseg-bench"))
     parser.add_argument("--markdown", action="store_true", help="Print a Markdown table.")
@@ -165,8 +176,10 @@ def main() -> None:
     if not ckpt.exists():
         make_checkpoint(ckpt, args.window)
     common = ["--engine", args.engine, "--ckpt", str(ckpt), "--window", str(args.window),
-              "--stride", str(args.stride), "--batch-size", str(args.batch_size),
-              "--threads", str(args.threads)]  # fmt: skip
+              "--stride", str(args.stride), "--threads", str(args.threads),
+              "--predict-engine", args.predict_engine]  # fmt: skip
+    if args.batch_size:
+        common += ["--batch-size", str(args.batch_size)]
     baseline, _ = measure(common)
     rows = []
     for size in args.sizes:
@@ -184,9 +197,9 @@ def main() -> None:
               "pipeline (MiB)")  # fmt: skip
     lines = [(f"{h} x {w}", str(n), f"{s:.0f}", f"{rss:.0f}", f"{rss / ref:.3f}",
               f"{rss - baseline:.0f}") for h, w, n, s, rss in rows]  # fmt: skip
-    print(f"engine: {args.engine}, window {args.window}, stride {args.stride}, batch "
-          f"{args.batch_size}, {args.threads} threads; baseline (engine loaded, nothing "
-          f"predicted): {baseline:.0f} MiB")  # fmt: skip
+    print(f"engine: {args.engine} ({args.predict_engine}), window {args.window}, stride "
+          f"{args.stride}, batch {args.batch_size or 'default'}, {args.threads} threads; "
+          f"baseline (engine loaded, nothing predicted): {baseline:.0f} MiB")  # fmt: skip
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

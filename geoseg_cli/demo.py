@@ -157,7 +157,7 @@ class DemoConfig:
     outdir: Path
     size: int = 1024
     window: int = 128
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
     loss: str = "dice+ce"

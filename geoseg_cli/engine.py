@@ -3,22 +3,31 @@
 An engine maps a batch of windows whose band values are already scaled to [0, 1]
 (N×C×T×T float32) to per-class probabilities (N×K×T×T float32). Standardization and
 softmax happen inside the engine, exactly as inside an exported ONNX graph.
+
+Engines that can also run the two halves of the network separately — the backbone on any
+region (standardization included) and the head on feature patches — implement
+:class:`FeatureEngine`; predict's shared-backbone mode (:mod:`geoseg_cli.shared`) needs it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from geoseg_cli.checkpoint import ModelInfo, build_model, file_hash, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+#: Output stride of the backbone: features have one position per 16×16 input pixels.
+FEATURE_STRIDE = 16
 
 
 class Engine(Protocol):
@@ -29,6 +38,27 @@ class Engine(Protocol):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N×K×H×W float32) for scaled input windows (N×C×H×W float32)."""
+        ...
+
+
+class FeatureEngine(Engine, Protocol):
+    """An engine that also runs the backbone and the head separately.
+
+    Attributes:
+        feature_channels: Channels F of the backbone features (1024 for resnet50, 256 for
+            resnet18/34), or None when this engine cannot split the network (e.g. an ONNX
+            model exported without its backbone and head graphs).
+    """
+
+    feature_channels: int | None
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Backbone features (N×F×H/16×W/16 float32) of scaled input (N×C×H×W float32,
+        H and W multiples of 16); standardization is applied first."""
+        ...
+
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities (N×K×16h×16w float32) of the head on features (N×F×h×w float32)."""
         ...
 
 
@@ -46,6 +76,44 @@ class InferenceModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The first half of :meth:`forward`: standardize, then the backbone (stride 16)."""
+        return self.model.backbone((image - self.mean) / self.std)
+
+    def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """The second half of :meth:`forward`: the head on backbone features, bilinear
+        upsampling (align_corners=False) by :data:`FEATURE_STRIDE`, softmax.
+
+        ``head_probabilities(features(x))`` equals ``forward(x)`` for windows whose sides
+        are multiples of 16.
+        """
+        size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
+        logits = self.model.head(features)
+        logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
+        return torch.softmax(logits, dim=1)
+
+
+class BackboneGraph(nn.Module):
+    """:meth:`InferenceModel.features` as a module (the exported backbone graph)."""
+
+    def __init__(self, inference: InferenceModel) -> None:
+        super().__init__()
+        self.inference = inference
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.inference.features(image)
+
+
+class HeadGraph(nn.Module):
+    """:meth:`InferenceModel.head_probabilities` as a module (the exported head graph)."""
+
+    def __init__(self, inference: InferenceModel) -> None:
+        super().__init__()
+        self.inference = inference
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inference.head_probabilities(features)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,14 +141,30 @@ class TorchEngine:
             self.module = self.module.to(memory_format=torch.channels_last)
         log.debug("PyTorch engine on %s for %s", self.device, path)
 
-    @torch.inference_mode()
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the backbone features."""
+        return self.module.model.backbone.out_channels
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        return self._run(self.module, batch)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Backbone features of scaled input (see :class:`FeatureEngine`)."""
+        return self._run(self.module.features, batch)
+
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Head probabilities on backbone features (see :class:`FeatureEngine`)."""
+        return self._run(self.module.head_probabilities, features)
+
+    @torch.inference_mode()
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
         ):
-            probs = self.module(x)
-        return probs.float().cpu().numpy()
+            y = fn(x)
+        return y.float().cpu().numpy()
 
 
 def load_engine(path: str | os.PathLike, device: str = "auto") -> Engine:

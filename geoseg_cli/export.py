@@ -9,6 +9,15 @@ Deepness and GeoDeep read the tile size from the input shape.
 After export the file is checked with ``onnx.checker`` and run with ONNX Runtime on random
 input at a batch size other than the traced one; fp32 must match PyTorch within
 :data:`FP32_TOLERANCE` (or the given tolerance) or nothing is written.
+
+Beside ``model.onnx`` two more graphs are written for predict's shared-backbone engine
+(unless ``split=False``): ``model.backbone.onnx`` (``image`` [N, C, H, W], any H and W
+multiples of 16 → ``features`` [N, F, H/16, W/16], standardization inside) and
+``model.head.onnx`` (``features`` [N, F, T/16, T/16] → ``probabilities`` [N, K, T, T]).
+The ``geoseg`` metadata of ``model.onnx`` names them with their SHA-256, so a stale or
+foreign part is never used; ``model.onnx`` itself stays the plain single graph GeoDeep and
+QGIS Deepness run. Both parts are parity-checked too: the head on the backbone's features
+against PyTorch's whole network, and the backbone alone on a tile larger than the window.
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg_cli.checkpoint import ModelInfo, build_model, load_checkpoint
-from geoseg_cli.engine import InferenceModel
+from geoseg_cli.checkpoint import ModelInfo, build_model, file_hash, load_checkpoint
+from geoseg_cli.engine import FEATURE_STRIDE, BackboneGraph, HeadGraph, InferenceModel
 from geoseg_cli.errors import GeosegError, UsageError
 from geoseg_cli.onnx_engine import (
     GEOSEG_METADATA_KEY,
@@ -72,6 +81,10 @@ class ExportResult:
         class_agreement: Fraction of pixels whose argmax class agrees with PyTorch.
         size_bytes: File size.
         metadata: The ``metadata_props`` written (every value a JSON string).
+        backbone: The backbone graph for the shared engine, if written.
+        head: The head graph for the shared engine, if written.
+        split_max_abs_diff: Largest |head(backbone(x)) in ONNX Runtime − PyTorch| probability
+            difference, or None without the split graphs.
     """
 
     path: Path
@@ -84,12 +97,25 @@ class ExportResult:
     class_agreement: float
     size_bytes: int
     metadata: dict[str, str]
+    backbone: Path | None = None
+    head: Path | None = None
+    split_max_abs_diff: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (for ``--json``)."""
         data = dataclasses.asdict(self)
-        data["path"] = str(self.path)
+        for key in ("path", "backbone", "head"):
+            data[key] = None if data[key] is None else str(data[key])
         return data
+
+
+def split_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """Where the shared engine's graphs go: ``model.backbone.onnx`` and ``model.head.onnx``
+    beside ``model.onnx``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.backbone.onnx"), output.with_name(
+        f"{output.stem}.head.onnx"
+    )
 
 
 def resolution_cm(info: ModelInfo, resolution: float | None = None) -> float:
@@ -202,8 +228,17 @@ def _quiet_exporter() -> Iterator[None]:
         root.setLevel(root_level)
 
 
-def _trace(module: torch.nn.Module, example: torch.Tensor, opset: int, dynamic_size: bool) -> Any:
-    """Export ``module`` with torch's dynamo exporter and return the ModelProto."""
+def _trace(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    opset: int,
+    dynamic_size: bool,
+    names: tuple[str, str] = ("image", "probabilities"),
+) -> Any:
+    """Export ``module`` with torch's dynamo exporter and return the ModelProto.
+
+    ``names`` are the graph's input and output names.
+    """
     dims = {0: torch.export.Dim("batch")}
     if dynamic_size:
         dims.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
@@ -211,8 +246,8 @@ def _trace(module: torch.nn.Module, example: torch.Tensor, opset: int, dynamic_s
         program = torch.onnx.export(
             module,
             (example,),
-            input_names=["image"],
-            output_names=["probabilities"],
+            input_names=[names[0]],
+            output_names=[names[1]],
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=(dims,),
@@ -292,6 +327,31 @@ def _parity(
     return diff, agree / total
 
 
+def _split_parity(
+    module: InferenceModel, backbone: Path, head: Path, shapes: list[tuple[int, ...]]
+) -> tuple[float, float]:
+    """ONNX Runtime head(backbone(x)) vs PyTorch's whole network (max abs probability
+    difference), and the backbone alone on a tile wider and taller than the window vs
+    PyTorch's features (max abs difference relative to the largest feature)."""
+    providers = ["CPUExecutionProvider"]
+    backbone_session = create_session(backbone, providers)
+    head_session = create_session(head, providers)
+    diff = 0.0
+    for x in _parity_inputs(shapes):
+        with torch.inference_mode():
+            expected = module(x).numpy()
+        (features,) = backbone_session.run(None, {"image": x.numpy()})
+        (actual,) = head_session.run(None, {"features": features})
+        diff = max(diff, float(np.abs(actual.astype(np.float32) - expected).max()))
+    channels, window = shapes[0][1], shapes[0][-1]
+    (tile,) = _parity_inputs([(1, channels, window + 2 * FEATURE_STRIDE, 2 * window)])
+    with torch.inference_mode():
+        expected = module.features(tile).numpy()
+    (actual,) = backbone_session.run(None, {"image": tile.numpy()})
+    relative = float(np.abs(actual.astype(np.float32) - expected).max() / np.abs(expected).max())
+    return diff, relative
+
+
 def _float32_error(module: torch.nn.Module, shapes: list[tuple[int, ...]]) -> float:
     """Max abs difference between PyTorch in float32 and in float64 on the parity inputs:
     the rounding noise any float32 runtime has on this model."""
@@ -315,8 +375,10 @@ def export_onnx(
     resolution: float | None = None,
     tolerance: float = FP32_TOLERANCE,
     overwrite: bool = False,
+    split: bool = True,
 ) -> ExportResult:
-    """Export a checkpoint to a single self-contained ``.onnx`` file with metadata.
+    """Export a checkpoint to a self-contained ``.onnx`` file with metadata, plus the
+    backbone and head graphs of predict's shared engine beside it (see :func:`split_paths`).
 
     Args:
         checkpoint: A ``.pt`` written by ``geoseg train``.
@@ -329,6 +391,7 @@ def export_onnx(
         resolution: Ground resolution in cm/px (default: from the checkpoint).
         tolerance: Largest accepted fp32 probability difference to PyTorch.
         overwrite: Replace an existing output.
+        split: Also write the backbone and head graphs (``--engine shared`` needs them).
 
     Returns:
         The export summary, with parity against PyTorch.
@@ -345,7 +408,9 @@ def export_onnx(
         raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if opset < DEFAULT_OPSET:
         raise UsageError(f"--opset {opset} is too old; torch's exporter needs 17 or newer")
-    check_output(output, overwrite)
+    parts = split_paths(output) if split else ()
+    for path in (output, *parts):
+        check_output(path, overwrite)
     ckpt = load_checkpoint(checkpoint)
     window, channels = ckpt.window, ckpt.model.in_channels
     stride = window // 2 if stride is None else stride
@@ -361,6 +426,15 @@ def export_onnx(
     example = torch.rand(EXPORT_BATCH, channels, window, window)
     try:
         proto = _trace(module, example, opset, dynamic_size)
+        if split:
+            with torch.no_grad():
+                features = module.features(example)
+            part_protos = (
+                _trace(BackboneGraph(module), example, opset, True, ("image", "features")),
+                _trace(
+                    HeadGraph(module), features, opset, dynamic_size, ("features", "probabilities")
+                ),
+            )
     except Exception as exc:  # the exporter raises many types; name the failing op
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GeosegError(
@@ -383,8 +457,27 @@ def export_onnx(
     shapes = [(PARITY_BATCH, channels, window, window)]
     if dynamic_size:
         shapes.append((1, channels, window + 16, window + 32))
-    with atomic_output(output, overwrite) as tmp, tempfile.TemporaryDirectory() as workdir:
-        proto = _for_old_runtimes(_convert(proto, precision, Path(workdir)))
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_output(output, overwrite))
+        part_tmps = [stack.enter_context(atomic_output(p, overwrite)) for p in parts]
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if split:
+            split_info = {"feature_channels": int(features.shape[1])}
+            for name, part, part_tmp, final in zip(
+                ("backbone", "head"), part_protos, part_tmps, parts, strict=True
+            ):
+                part = _for_old_runtimes(_convert(part, precision, workdir))
+                del part.metadata_props[:]
+                onnx.helper.set_model_props(
+                    part, {"geoseg_part": json.dumps({"part": name, "model": Path(output).name})}
+                )
+                onnx.checker.check_model(part)
+                onnx.save_model(part, part_tmp, save_as_external_data=False)
+                split_info[name] = {"file": final.name, "sha256": file_hash(part_tmp)}
+            geoseg = json.loads(metadata[GEOSEG_METADATA_KEY])
+            geoseg["split_graphs"] = split_info
+            metadata[GEOSEG_METADATA_KEY] = json.dumps(geoseg)
+        proto = _for_old_runtimes(_convert(proto, precision, workdir))
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, metadata)
         onnx.checker.check_model(proto)
@@ -404,6 +497,24 @@ def export_onnx(
                 "nothing was written. If both are of the same order this is rounding: pass "
                 "--tolerance; otherwise please report it"
             )
+        split_diff = None
+        if split:
+            split_diff, feature_diff = _split_parity(module, *part_tmps, shapes)
+            log.info(
+                "shared-engine graphs: head(backbone(x)) vs PyTorch max abs diff %.3g; "
+                "backbone on a %d×%d tile: max relative feature diff %.3g",
+                split_diff,
+                window + 2 * FEATURE_STRIDE,
+                2 * window,
+                feature_diff,
+            )
+            if precision == "fp32" and not max(split_diff, feature_diff) <= tolerance:
+                raise GeosegError(
+                    f"{checkpoint}: the backbone/head ONNX graphs do not match PyTorch (max "
+                    f"abs diff {split_diff:.3g}, relative feature diff {feature_diff:.3g} > "
+                    f"{tolerance:g}); nothing was written. Pass --tolerance if this is float32 "
+                    "rounding, or --no-split to write model.onnx alone"
+                )
         size = tmp.stat().st_size
     return ExportResult(
         path=Path(output),
@@ -416,6 +527,9 @@ def export_onnx(
         class_agreement=agreement,
         size_bytes=size,
         metadata=metadata,
+        backbone=parts[0] if split else None,
+        head=parts[1] if split else None,
+        split_max_abs_diff=split_diff,
     )
 
 

@@ -2,7 +2,10 @@
 
 An ONNX file written by ``geoseg export onnx`` describes itself: the ``geoseg`` metadata key
 holds the same :class:`~geoseg_cli.checkpoint.ModelInfo` a checkpoint carries, so predict
-reads classes, bands, scaling and window from it exactly as from a ``.pt``.
+reads classes, bands, scaling and window from it exactly as from a ``.pt``. When the
+export's backbone and head graphs lie beside it (named, with their SHA-256, under
+``split_graphs`` in that metadata), the engine also runs the two halves separately for
+predict's shared engine.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from geoseg_cli.checkpoint import ModelInfo, file_hash
+from geoseg_cli.engine import FEATURE_STRIDE
 from geoseg_cli.errors import CheckpointError, GeosegError, UsageError, first_line
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,9 @@ def read_geoseg_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> d
 class OnnxEngine:
     """Runs an ONNX model exported by geoseg with ONNX Runtime (CUDA provider when usable).
 
+    Implements :class:`~geoseg_cli.engine.FeatureEngine` when the backbone and head graphs
+    the export wrote are beside the model and match the hashes in its metadata.
+
     Attributes:
         info: The model description read from the ``geoseg`` metadata.
         model_hash: Short SHA-256 of the ``.onnx`` file.
@@ -124,6 +131,8 @@ class OnnxEngine:
             ``recommended_stride`` and ``precision``).
         input_size: The fixed window size of the graph, or None when it takes any size.
         providers: The execution providers in use.
+        feature_channels: Backbone channels when the backbone and head graphs are usable,
+            else None (predict then uses the window engine).
     """
 
     def __init__(
@@ -133,6 +142,7 @@ class OnnxEngine:
         self.path = Path(path)
         requested = select_providers(device, ort.get_available_providers())
         self.session = create_session(self.path, requested, threads)
+        self._threads = threads
         self.metadata = read_geoseg_metadata(
             self.path, self.session.get_modelmeta().custom_metadata_map
         )
@@ -151,7 +161,64 @@ class OnnxEngine:
         self.input_name = graph_input.name
         height, width = graph_input.shape[-2:]
         self.input_size = height if isinstance(height, int) and height == width else None
+        self.feature_channels, self._parts = self._find_parts()
+        self._sessions: dict[str, Any] = {}
         log.debug("ONNX Runtime engine (%s) for %s", ", ".join(self.providers), self.path)
+
+    def _find_parts(self) -> tuple[int | None, dict[str, Path]]:
+        """The backbone and head graphs named in the metadata, if present and matching."""
+        split = self.metadata.get("split_graphs")
+        if not isinstance(split, dict):
+            return None, {}
+        parts = {}
+        for name in ("backbone", "head"):
+            entry = split.get(name) if isinstance(split.get(name), dict) else {}
+            part = self.path.with_name(str(entry.get("file", "")))
+            if not entry.get("file") or not part.is_file():
+                log.info(
+                    "%s: its %s graph %s is not beside it; the shared engine is off",
+                    self.path,
+                    name,
+                    part.name,
+                )
+                return None, {}
+            if file_hash(part) != entry.get("sha256"):
+                log.warning(
+                    "%s does not belong to %s (another SHA-256 than the export wrote): the "
+                    "shared engine is off; export the model again to fix it",
+                    part,
+                    self.path,
+                )
+                return None, {}
+            parts[name] = part
+        return int(split["feature_channels"]), parts
+
+    def _run_part(self, name: str, feed_name: str, array: np.ndarray) -> np.ndarray:
+        if name not in self._sessions:
+            self._sessions[name] = create_session(self._parts[name], self.providers, self._threads)
+        feed = {feed_name: np.ascontiguousarray(array, dtype=np.float32)}
+        (output,) = self._sessions[name].run(None, feed)
+        return output.astype(np.float32, copy=False)
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Backbone features (N×F×H/16×W/16) of scaled input (N×C×H×W, multiples of 16)."""
+        return self._run_part("backbone", "image", batch)
+
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities (N×K×16h×16w) of the head on backbone features (N×F×h×w).
+
+        Raises:
+            UsageError: The model was exported for a fixed window and the features are of
+                another one.
+        """
+        size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
+        if self.input_size is not None and size != (self.input_size,) * 2:
+            raise UsageError(
+                f"{self.path} was exported for {self.input_size}×{self.input_size} windows, "
+                f"not {size[0]}×{size[1]}; use --window {self.input_size} or re-export with "
+                "geoseg export onnx --dynamic-size"
+            )
+        return self._run_part("head", "features", features)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N×K×H×W float32) for scaled input windows (N×C×H×W float32).

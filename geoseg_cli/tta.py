@@ -7,6 +7,7 @@ vertical flip); ``d4`` is all eight symmetries of the square.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class View:
     flip: bool = False
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """The view of ``x`` (``...×H×W``); H and W must be equal when ``k`` is odd."""
+        """The view of ``x`` (``...×H×W``; with odd ``k`` the result is ``...×W×H``)."""
         if self.flip:
             x = np.flip(x, axis=-1)
         return np.rot90(x, self.k, axes=(-2, -1))
@@ -61,3 +62,39 @@ def tta_views(tta: str | None) -> tuple[View, ...]:
             for k in range(4)
         )
     raise UsageError(f"unknown TTA set {tta!r}; use one of {', '.join(TTA_SETS)}")
+
+
+def merge_views(
+    count: int,
+    views: tuple[View, ...],
+    batch_size: int,
+    view_input: Callable[[int, int], np.ndarray],
+    forward: Callable[[np.ndarray], np.ndarray],
+) -> Iterator[np.ndarray]:
+    """Run ``forward`` on every (item, view) input in batches and yield, per item, the mean
+    of the inverted outputs over the views.
+
+    Views of an item are summed in a fixed order, so results do not depend on the batch
+    size or on how the views fall into batches.
+
+    Args:
+        count: Number of items (windows).
+        views: The TTA views.
+        batch_size: Inputs per ``forward`` call.
+        view_input: ``(item, view index)`` → that item's input in the view's orientation.
+        forward: Batch of inputs → batch of outputs (``...×H×W``, in the views' orientations).
+
+    Yields:
+        One output per item, in order, in the original orientation.
+    """
+    items = [(i, v) for i in range(count) for v in range(len(views))]
+    partial: dict[int, np.ndarray] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        outputs = forward(np.stack([view_input(i, v) for i, v in chunk]))
+        for (i, v), y in zip(chunk, outputs, strict=True):
+            y = views[v].invert(y)
+            partial[i] = y.copy() if v == 0 else partial[i] + y
+            if v == len(views) - 1:
+                total = partial.pop(i)
+                yield total if len(views) == 1 else total / np.float32(len(views))

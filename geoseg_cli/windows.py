@@ -17,12 +17,13 @@ import numpy as np
 WEIGHT_FLOOR = 1e-3
 
 
-def margin(window: int, stride: int) -> int:
-    """Pixels the grid starts before the raster: half the overlap ``T - S``."""
-    return (window - stride) // 2
+def margin(window: int, stride: int, align: int = 1) -> int:
+    """Pixels the grid starts before the raster: half the overlap ``T - S``, rounded down
+    to a multiple of ``align`` (so that window offsets stay multiples of it)."""
+    return (window - stride) // 2 // align * align
 
 
-def window_starts(size: int, window: int, stride: int) -> np.ndarray:
+def window_starts(size: int, window: int, stride: int, align: int = 1) -> np.ndarray:
     """Start offsets (may be negative) of windows covering ``size`` pixels along one axis.
 
     The first window starts at ``-margin``; windows step by ``stride`` until the last one
@@ -33,6 +34,8 @@ def window_starts(size: int, window: int, stride: int) -> np.ndarray:
         size: Raster length along the axis (pixels), at least 1.
         window: Window size ``T``.
         stride: Step ``S`` with ``1 <= S <= T``.
+        align: The margin is rounded down to a multiple of it (with ``T`` and ``S``
+            multiples of ``align``, every offset is one).
 
     Returns:
         int64 array of start offsets, in increasing order.
@@ -41,7 +44,7 @@ def window_starts(size: int, window: int, stride: int) -> np.ndarray:
         raise ValueError(f"size must be positive, got {size}")
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, window={window}], got {stride}")
-    m = margin(window, stride)
+    m = margin(window, stride, align)
     count = max(1, -(-(size - window + 2 * m) // stride) + 1)
     return np.arange(count, dtype=np.int64) * stride - m
 
@@ -102,22 +105,25 @@ class Grid:
         width: Region columns.
         window: Window size ``T``.
         stride: Stride ``S``.
+        align: Window offsets are multiples of it when ``T`` and ``S`` are (see
+            :func:`window_starts`); 1 puts the grid exactly half the overlap before the region.
     """
 
     height: int
     width: int
     window: int
     stride: int
+    align: int = 1
 
     @property
     def row_starts(self) -> np.ndarray:
         """Row offsets of the window rows (row bands), relative to the region."""
-        return window_starts(self.height, self.window, self.stride)
+        return window_starts(self.height, self.window, self.stride, self.align)
 
     @property
     def col_starts(self) -> np.ndarray:
         """Column offsets of the windows in each row band, relative to the region."""
-        return window_starts(self.width, self.window, self.stride)
+        return window_starts(self.width, self.window, self.stride, self.align)
 
     @property
     def count(self) -> int:
@@ -129,6 +135,12 @@ class Grid:
         """Column span ``(start, stop)`` that one row band reads, padding included."""
         cols = self.col_starts
         return int(cols[0]), int(cols[-1]) + self.window
+
+    @property
+    def padded_rows(self) -> tuple[int, int]:
+        """Row span ``(start, stop)`` that all row bands together read, padding included."""
+        rows = self.row_starts
+        return int(rows[0]), int(rows[-1]) + self.window
 
     def finished_rows(self, band: int) -> tuple[int, int]:
         """Region rows ``(start, stop)`` that no window after row band ``band`` touches.

@@ -386,7 +386,7 @@ def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoi
     bad.write_bytes(b"not a checkpoint")
     image = str(scene["image"])
     result = run(["predict", image, "-m", str(bad), "-o", str(tmp_path / "x.tif")])
-    assert result.exit_code == 1 and "bad.pt: not a readable geoseg checkpoint" in result.output
+    assert result.exit_code == 1 and "bad.pt: not a PyTorch checkpoint file" in result.output
     existing = tmp_path / "exists.tif"
     existing.write_bytes(b"keep me")
     result = run(["predict", image, "-m", str(tiny_checkpoint), "-o", str(existing)])

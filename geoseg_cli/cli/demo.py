@@ -64,7 +64,7 @@ def demo(
 
     \b
     Example:
-      geoseg demo                      # ~5 minutes on 2 CPU cores
+      geoseg demo                      # ~3 minutes on 2 CPU cores
       geoseg demo small --size 256 --epochs 2 --window 64
     """
     result = run_demo(

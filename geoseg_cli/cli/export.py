@@ -69,6 +69,13 @@ def export() -> None:
     show_default=True,
     help="Largest accepted fp32 probability difference to PyTorch in the parity check.",
 )
+@click.option(
+    "--split/--no-split",
+    default=True,
+    show_default=True,
+    help="Also write <output stem>.backbone.onnx and .head.onnx beside the model, which "
+    "geoseg predict's shared engine (the fast default) needs; model.onnx is the same either way.",
+)
 @overwrite_opt
 @json_opt
 def onnx(
@@ -81,6 +88,7 @@ def onnx(
     stride: int | None,
     resolution: float | None,
     tolerance: float,
+    split: bool,
     overwrite: bool,
     as_json: bool,
 ) -> None:
@@ -88,7 +96,9 @@ def onnx(
 
     The graph takes `image` (float32, N×C×T×T, band values scaled to [0, 1]) and returns
     `probabilities` (N×K×T×T); standardization and softmax are inside. The file runs in
-    geoseg predict, GeoDeep and QGIS Deepness.
+    geoseg predict, GeoDeep and QGIS Deepness. Beside it go the backbone and head graphs
+    of geoseg predict's shared engine (MODEL.backbone.onnx, MODEL.head.onnx; keep them
+    next to MODEL.onnx, or predict falls back to the slower window engine).
 
     \b
     Examples:
@@ -114,6 +124,7 @@ def onnx(
         resolution=resolution,
         tolerance=tolerance,
         overwrite=overwrite,
+        split=split,
     )
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -124,3 +135,8 @@ def onnx(
         f"max abs diff {result.max_abs_diff:.3g}, "
         f"classes agree on {100 * result.class_agreement:.2f}% of pixels"
     )
+    if result.backbone is not None:
+        click.echo(
+            f"wrote {result.backbone} and {result.head} (shared engine); parity with PyTorch: "
+            f"max abs diff {result.split_max_abs_diff:.3g}"
+        )

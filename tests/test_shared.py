@@ -1,0 +1,340 @@
+"""predict's shared-backbone engine: geometry, TTA, nodata, batching, plan, ONNX split graphs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+from conftest import save_tiny_checkpoint, synthetic_scene
+from torch.utils.flop_counter import FlopCounterMode
+
+from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
+from geoseg_cli.cli import cli
+from geoseg_cli.engine import TorchEngine
+from geoseg_cli.errors import UsageError
+from geoseg_cli.export import export_onnx, split_paths
+from geoseg_cli.onnx_engine import OnnxEngine
+from geoseg_cli.predict import EnginePredictor, PredictOptions, predict_raster
+from geoseg_cli.shared import SharedPredictor, split_span
+from geoseg_cli.tta import tta_views
+from geoseg_cli.windows import Grid, reflect_indices
+from models import create_model
+
+torch.set_num_threads(2)
+
+
+class LocalBackbone:
+    """A FeatureEngine whose backbone sees no context (16×16 block means) and whose head
+    depends on the whole window (softmax of features minus their window mean, repeated to
+    16×16 pixels). Tiles, seams and halos cannot change its features, so the shared and
+    window engines must give the same probabilities; counts the work done."""
+
+    def __init__(self, window: int = 32) -> None:
+        self.info = ModelInfo(
+            model=ModelSpec("local", "none", 3, 3),
+            classes=[ClassInfo(f"c{i}", (i, i, i)) for i in range(3)],
+            ignore_index=255,
+            input=InputSpec([1, 2, 3], "uint8", 1 / 255, [0.0] * 3, [1.0] * 3),
+            window=window,
+        )
+        self.model_hash = "local"
+        self.feature_channels = 3
+        self.backbone_pixels = self.head_windows = self.head_calls = self.window_images = 0
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        n, c, h, w = batch.shape
+        assert h % 16 == 0 and w % 16 == 0 and batch.dtype == np.float32
+        self.backbone_pixels += n * h * w
+        return batch.reshape(n, c, h // 16, 16, w // 16, 16).mean(axis=(3, 5))
+
+    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+        self.head_calls += 1
+        self.head_windows += len(features)
+        logits = 8 * (features - features.mean(axis=(2, 3), keepdims=True))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probs.repeat(16, axis=2).repeat(16, axis=3)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.window_images += len(batch)
+        return self.head_probabilities(self.features(batch))
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def probabilities(path: Path) -> np.ndarray:
+    return read(path.with_name(f"{path.stem}_probabilities.tif"))
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(cli, ["-q", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture
+def nodata_scene(make_raster) -> Path:
+    """An odd-sized 3-band uint8 scene with a nodata corner (holding whole windows) and a
+    nodata row band."""
+    image, _ = synthetic_scene(83, 117, seed=4)
+    image = np.maximum(image, 1)
+    image[:, :40, :50] = 0
+    image[:, 60:64, :] = 0
+    return make_raster("scene.tif", image, nodata=0)
+
+
+# --- geometry: exactly the window engine when the backbone needs no context ------------
+
+
+def test_split_span_cuts_near_equal_multiples_of_16():
+    assert split_span(-32, 480, 128) == [(-32, 96), (96, 224), (224, 352), (352, 480)]
+    assert split_span(0, 208, 96) == [(0, 80), (80, 144), (144, 208)]
+    assert split_span(16, 32, 1024) == [(16, 32)]
+
+
+@pytest.mark.parametrize(("tta", "tile", "halo"), [(None, 48, 16), ("flip", 32, 0), ("d4", 64, 32)])
+def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp_path, tta,
+                                                                tile, halo):  # fmt: skip
+    """Tiles of 32–64 px with and without halo, non-square edge tiles, all TTA sets, a
+    nodata corner and a nodata row band: every window's probabilities are the window
+    engine's, and the backbone sees each padded pixel once per view (plus halos). The
+    margin (48 - 16) / 2 = 16 is on the feature grid, so both engines use the same grid."""
+    results, engines = {}, {}
+    for engine in ("window", "shared"):
+        stub = engines[engine] = LocalBackbone(window=48)
+        out = tmp_path / f"{engine}.tif"
+        options = PredictOptions(
+            window=48, stride=16, tta=tta, engine=engine, tile=tile, halo=halo,
+            batch_size=5, probabilities="float32",
+        )  # fmt: skip
+        result = predict_raster(stub, nodata_scene, out, options)
+        results[engine] = (read(out), probabilities(out), result)
+        with rasterio.open(out) as ds:
+            assert ds.tags()["ENGINE"] == engine
+    (classes_w, probs_w, result_w), (classes_s, probs_s, result_s) = results.values()
+    np.testing.assert_allclose(probs_s, probs_w, atol=1e-6)
+    np.testing.assert_array_equal(classes_s, classes_w)
+    assert (classes_w[0, :40, :50] == 255).all() and (classes_w[0, 60:64] == 255).all()
+    assert result_s.windows == result_w.windows and result_s.skipped == result_w.skipped > 0
+
+    views = {None: 1, "flip": 3, "d4": 8}[tta]
+    grid = Grid(83, 117, 48, 16, 16)
+    (top, bottom), (left, right) = grid.padded_rows, grid.padded_cols
+    padded = (bottom - top) * (right - left)
+    shared, window = engines["shared"], engines["window"]
+    assert window.window_images == views * result_w.windows
+    assert shared.window_images == 0 and shared.head_windows == views * result_s.windows
+    rows, cols = split_span(top, bottom, tile), split_span(left, right, tile)
+    most = (bottom - top + 2 * halo * (len(rows) - 1)) * (right - left + 2 * halo * (len(cols) - 1))
+    assert shared.backbone_pixels <= views * most
+    # Tiles under nodata-only windows are never computed, so fewer pixels may run.
+    assert shared.backbone_pixels >= views * 0.5 * padded
+    assert shared.head_calls == sum(
+        -(-views * len(kept) // 5) for kept in _kept_per_band(nodata_scene, grid)
+    )
+
+
+def _kept_per_band(source: Path, grid: Grid) -> list[list[int]]:
+    with rasterio.open(source) as ds:
+        valid = ds.dataset_mask() > 0
+    kept = []
+    for r in grid.row_starts:
+        band = valid[max(0, r) : r + grid.window].any(axis=0)
+        kept.append([c for c in grid.col_starts if band[max(0, c) : c + grid.window].any()])
+    return [k for k in kept if k]
+
+
+def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_path):
+    """With the real SCG-Net and tiles exactly one window wide (no halo), the windows that
+    coincide with a tile get the window engine's probabilities, in every TTA view."""
+    engine = TorchEngine(save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3), "cpu")
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 70, 100), dtype=np.float32)
+
+    def read_region(rows, cols):
+        r = reflect_indices(rows[0], rows[1], 70)
+        c = reflect_indices(cols[0], cols[1], 100)
+        return image[:, r][:, :, c]
+
+    grid = Grid(70, 100, 32, 16, 16)
+    views = tta_views("flip")
+    shared = SharedPredictor(engine, grid, views, read_region, batch_size=4, tile=32, halo=0)
+    window = EnginePredictor(engine, 32, views, 3)
+    (top, _), (left, right) = grid.padded_rows, grid.padded_cols
+    aligned = 0
+    for r in grid.row_starts:
+        band = read_region((r, r + 32), (left, right))
+        offsets = [int(c) - left for c in grid.col_starts]
+        for o, a, b in zip(offsets, shared(band, offsets), window(band, offsets), strict=True):
+            if (r - top) % 32 == 0 and o % 32 == 0:
+                np.testing.assert_allclose(a, b, atol=2e-6)
+                aligned += 1
+            else:  # a window across tile seams sees other features: not the same
+                assert np.abs(a - b).max() > 1e-3
+    assert aligned >= 6
+
+
+def test_halo_wider_than_the_receptive_field_makes_tiles_seamless(nodata_scene, tmp_path):
+    """resnet18's layer3 sees 211 px (105 px around a feature's cell): with a 112-px halo
+    48-px tiles give the features of one untiled pass, so the same probabilities; without
+    a halo the seams show."""
+    engine = TorchEngine(save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=3), "cpu")
+    probs = {}
+    for tile, halo in ((4096, 0), (48, 112), (48, 0)):
+        out = tmp_path / f"t{tile}h{halo}.tif"
+        options = PredictOptions(
+            stride=16, tta="flip", engine="shared", tile=tile, halo=halo, probabilities="float32"
+        )
+        predict_raster(engine, nodata_scene, out, options)
+        probs[halo if tile == 48 else None] = probabilities(out)
+    np.testing.assert_allclose(probs[112], probs[None], atol=1e-4)
+    assert np.abs(probs[0] - probs[None]).max() > 0.1
+
+
+# --- the real network: batch size, TTA, nodata, plan -----------------------------------
+
+
+def test_shared_engine_is_batch_size_independent_with_tta_and_nodata(nodata_scene, tmp_path):
+    checkpoint = save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=10)
+    outs = []
+    for batch in (1, 7):
+        out = tmp_path / f"b{batch}.tif"
+        result = run([
+            "predict", nodata_scene, "-m", checkpoint, "-o", out, "--stride", "16", "--tta",
+            "--engine", "shared",
+            "--batch-size", batch, "--probabilities", "--probability-dtype", "float32",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outs.append((read(out), probabilities(out)))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+    classes = outs[0][0][0]
+    with rasterio.open(nodata_scene) as src:
+        nodata = src.dataset_mask() == 0
+    np.testing.assert_array_equal(classes == 255, nodata)
+    assert np.all(outs[0][1][:, nodata] == 0)
+    assert (np.bincount(classes[~nodata], minlength=3) > 200).sum() >= 2  # not one class
+
+
+def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, caplog):
+    image, _ = synthetic_scene(50, 70, seed=1)
+    source = make_raster("s.tif", image)
+    checkpoint = save_tiny_checkpoint(tmp_path / "m.pt", window=48)
+    engine = TorchEngine(checkpoint, "cpu")
+    logging.getLogger("geoseg_cli").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="geoseg_cli")
+    try:
+        cases = [("shared", 20, "shared", "16"), ("window", 20, "window", "20"),
+                 ("shared", 40, "window", "40"), ("shared", 48, "window", "48")]  # fmt: skip
+        for engine_name, stride, used, tagged in cases:
+            out = tmp_path / f"{engine_name}{stride}.tif"
+            options = PredictOptions(stride=stride, engine=engine_name)
+            predict_raster(engine, source, out, options)
+            with rasterio.open(out) as ds:
+                assert (ds.tags()["ENGINE"], ds.tags()["STRIDE"]) == (used, tagged)
+    finally:
+        logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
+    assert "stride 20 rounded to 16" in caplog.text
+    assert "stride 40 leaves the windows without overlap" in caplog.text  # 40 → 48 = T
+    assert "shared engine, backbone once per pixel and view on 1 tile(s)" in caplog.text
+    grid = Grid(50, 70, 48, 16, 16)
+    assert grid.row_starts[0] == -16 and grid.col_starts[0] == -16  # margin 16, not 16 + 0
+    assert Grid(50, 70, 448, 112, 16).row_starts[0] == -160  # 168 rounded down to 160
+
+
+# --- ONNX: backbone and head graphs beside model.onnx -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("split")
+    checkpoint = save_tiny_checkpoint(folder / "m.pt", window=32, seed=10)
+    result = export_onnx(checkpoint, folder / "m.onnx")
+    assert (result.backbone, result.head) == split_paths(folder / "m.onnx")
+    assert result.split_max_abs_diff <= 1e-4
+    return checkpoint, result.path
+
+
+def test_onnx_split_graphs_match_pytorch(onnx_export, nodata_scene, tmp_path):
+    checkpoint, model = onnx_export
+    torch_engine, onnx_engine = TorchEngine(checkpoint, "cpu"), OnnxEngine(model, "cpu")
+    assert onnx_engine.feature_channels == torch_engine.feature_channels == 256
+    tile = np.random.default_rng(2).random((1, 3, 48, 80), dtype=np.float32)
+    features = torch_engine.features(tile)
+    assert features.shape == (1, 256, 3, 5)
+    np.testing.assert_allclose(onnx_engine.features(tile), features, atol=1e-4 * features.max())
+    patch = np.ascontiguousarray(np.concatenate([features[..., :2, :2], features[..., 1:, 3:]]))
+    np.testing.assert_allclose(
+        onnx_engine.head_probabilities(patch), torch_engine.head_probabilities(patch), atol=1e-4
+    )
+    with pytest.raises(UsageError, match="exported for 32×32 windows"):
+        onnx_engine.head_probabilities(features)
+
+    maps = {}
+    for name, path in (("pt", checkpoint), ("onnx", model)):
+        out = tmp_path / f"{name}.tif"
+        result = run(["predict", nodata_scene, "-m", path, "-o", out, "--tta", "--probabilities",
+                      "--probability-dtype", "float32", "--engine", "shared"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with rasterio.open(out) as ds:
+            assert ds.tags()["ENGINE"] == "shared"
+        maps[name] = (read(out), probabilities(out))
+    assert (maps["pt"][0] == maps["onnx"][0]).mean() >= 0.999
+    assert np.abs(maps["pt"][1] - maps["onnx"][1]).max() <= 1e-4
+
+
+def test_onnx_without_matching_parts_uses_the_window_engine(onnx_export, nodata_scene, tmp_path,
+                                                            caplog):  # fmt: skip
+    _, model = onnx_export
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(model.read_bytes())
+    logging.getLogger("geoseg_cli").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="geoseg_cli")
+    try:
+        engine = OnnxEngine(copy, "cpu")  # a renamed model.onnx, alone
+        assert engine.feature_channels is None
+        assert "copy.onnx: its backbone graph m.backbone.onnx is not beside it" in caplog.text
+        out = tmp_path / "alone.tif"
+        predict_raster(engine, nodata_scene, out, PredictOptions(engine="shared"))
+        with rasterio.open(out) as ds:
+            assert ds.tags()["ENGINE"] == "window"
+        assert "cannot run its backbone and head separately" in caplog.text
+        backbone, head = split_paths(model)
+        (tmp_path / backbone.name).write_bytes(backbone.read_bytes())
+        (tmp_path / head.name).write_bytes(head.read_bytes() + b"\0")  # not the exported file
+        assert OnnxEngine(copy, "cpu").feature_channels is None
+        assert "m.head.onnx does not belong to" in caplog.text
+        (tmp_path / head.name).write_bytes(head.read_bytes())  # the parts keep their names
+        assert OnnxEngine(copy, "cpu").feature_channels == 256
+    finally:
+        logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
+
+
+def test_export_no_split_writes_model_onnx_alone(onnx_export, tmp_path):
+    checkpoint, _ = onnx_export
+    out = tmp_path / "alone.onnx"
+    result = run(["export", "onnx", checkpoint, "-o", out, "--no-split"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx"]
+    assert OnnxEngine(out, "cpu").feature_channels is None
+
+
+def test_gcn_layers_multiply_by_the_weights_before_aggregating():
+    """The head runs once per window and view in the shared engine: GNN1 must compute
+    Â·(X·W) (n·1024·128 + n²·128 multiply-adds), not (Â·X)·W (n²·1024 + n·1024·128)."""
+    head = create_model("scg-gcn", 6, 3, backbone="resnet50").head.eval()
+    features = torch.rand(1, 1024, 28, 28)
+    with torch.inference_mode():
+        scg = head.scg(features)
+        x = features.permute(0, 2, 3, 1).flatten(1, 2)
+        with FlopCounterMode(display=False) as counter:
+            head.gnn1(x, scg.graph)
+    n = 28 * 28
+    products = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
+    assert products == 2 * (n * 1024 * 128 + n * n * 128)
