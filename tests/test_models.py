@@ -409,3 +409,26 @@ def test_cli_models_json_counts() -> None:
     expected = models.count_parameters(create_model("scg-gcn", 2, backbone="resnet18"))
     assert f"{expected:,}" in table.stdout
     assert "scg-gcn (default)" in table.stdout
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_fuse_batchnorm_keeps_features(backbone: str) -> None:
+    torch.manual_seed(0)
+    trunk = models.ResNetTrunk(backbone, in_channels=4)
+    for module in trunk.modules():  # non-trivial statistics, so that folding matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    with pytest.raises(RuntimeError, match="eval"):
+        trunk.fuse_batchnorm()
+    trunk.eval()
+    x = torch.rand(2, 4, 80, 48)
+    with torch.no_grad():
+        before = trunk(x)
+        trunk.fuse_batchnorm()
+        after = trunk(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+    assert after.shape == before.shape == (2, trunk.out_channels, 5, 3)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
