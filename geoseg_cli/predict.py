@@ -393,7 +393,9 @@ def make_plan(
         if options.bounds
         else Window(0, 0, src.width, src.height)
     )
-    align = FEATURE_STRIDE if engine == "shared" else 1
+    # Windows start on the 16-px feature grid whenever the stride is on it, so that both
+    # engines place the same windows (the shared engine's stride always is).
+    align = FEATURE_STRIDE if stride % FEATURE_STRIDE == 0 else 1
     grid = Grid(int(region.height), int(region.width), window, stride, align)
     pad_lo, pad_hi = grid.padded_cols
     source_dtype = src.dtypes[bands[0] - 1]

@@ -149,7 +149,7 @@ def test_tta_equivariant_model_gives_plain_output(make_raster, tmp_path):
         predict_raster(engine, source, out, options)
         results[tta] = read(out.with_name(f"{out.stem}_probabilities.tif"))[0]
         views = {None: 1, "flip": 3, "d4": 8}[tta]
-        assert engine.images == views * Grid(50, 70, 32, 16).count  # every window, every view
+        assert engine.images == views * Grid(50, 70, 32, 16, 16).count  # every window, view
     np.testing.assert_allclose(results["flip"], results[None], atol=2e-6)
     np.testing.assert_allclose(results["d4"], results[None], atol=2e-6)
     # A model that is not flip-equivariant does change with TTA (so TTA really runs).
@@ -195,7 +195,7 @@ def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
     image = np.random.default_rng(2).integers(1, 256, (3, 60, 80), dtype=np.uint8)
     source = make_raster("img.tif", image)
     t = UTM_TRANSFORM
-    bounds = (t.c + 10 * t.a, t.f + 50 * t.e, t.c + 45 * t.a, t.f + 20 * t.e)
+    bounds = (t.c + 20 * t.a, t.f + 50 * t.e, t.c + 45 * t.a, t.f + 20 * t.e)
     bands = []
 
     def recording(band, offsets):
@@ -207,12 +207,13 @@ def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
     options = PredictOptions(32, 16, bounds=bounds)
     predict_raster(StandIn(pixelwise), source, out, options, predictor=recording)
     part, meta = read(out)
-    assert part.shape == (1, 30, 35)
-    assert meta["transform"] == rasterio.windows.transform(Window(10, 20, 35, 30), t)
-    expected = pixelwise(image[np.newaxis, :, 20:50, 10:45] / np.float32(255))[0].argmax(0)
+    assert part.shape == (1, 30, 25)
+    assert meta["transform"] == rasterio.windows.transform(Window(20, 20, 25, 30), t)
+    expected = pixelwise(image[np.newaxis, :, 20:50, 20:45] / np.float32(255))[0].argmax(0)
     np.testing.assert_array_equal(part[0], expected)
-    # Windows start 8 px (half the overlap) before the part: real pixels, not reflections.
-    np.testing.assert_allclose(bands[0] * 255, image[:, 12:44, 2:66], atol=1e-4)
+    # Windows start 16 px (half the overlap, 8, rounded up to the 16-px feature grid) before
+    # the part: real pixels, not reflections.
+    np.testing.assert_allclose(bands[0] * 255, image[:, 4:36, 4:68], atol=1e-4)
 
 
 # --- a real SCG-Net checkpoint through the CLI ---------------------------------------------

@@ -98,19 +98,23 @@ def test_split_span_cuts_near_equal_multiples_of_16():
     assert split_span(16, 32, 1024) == [(16, 32)]
 
 
-@pytest.mark.parametrize(("tta", "tile", "halo"), [(None, 48, 16), ("flip", 32, 0), ("d4", 64, 32)])
+@pytest.mark.parametrize(
+    ("tta", "tile", "halo", "stride"),
+    [(None, 48, 16, 32), ("flip", 32, 0, 16), ("d4", 64, 32, 16)],
+)
 def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp_path, tta,
-                                                                tile, halo):  # fmt: skip
+                                                                tile, halo, stride):  # fmt: skip
     """Tiles of 32–64 px with and without halo, non-square edge tiles, all TTA sets, a
     nodata corner and a nodata row band: every window's probabilities are the window
-    engine's, and the backbone sees each padded pixel once per view (plus halos). The
-    margin (48 - 16) / 2 = 16 is on the feature grid, so both engines use the same grid."""
+    engine's, and the backbone sees each padded pixel once per view (plus halos). Both
+    engines start the grid on the feature grid (stride 32: half the overlap, 8 px, rounded
+    up to 16), so they place the same windows."""
     results, engines = {}, {}
     for engine in ("window", "shared"):
         stub = engines[engine] = LocalBackbone(window=48)
         out = tmp_path / f"{engine}.tif"
         options = PredictOptions(
-            window=48, stride=16, tta=tta, engine=engine, tile=tile, halo=halo,
+            window=48, stride=stride, tta=tta, engine=engine, tile=tile, halo=halo,
             batch_size=5, probabilities="float32",
         )  # fmt: skip
         result = predict_raster(stub, nodata_scene, out, options)
@@ -124,7 +128,7 @@ def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp
     assert result_s.windows == result_w.windows and result_s.skipped == result_w.skipped > 0
 
     views = {None: 1, "flip": 3, "d4": 8}[tta]
-    grid = Grid(83, 117, 48, 16, 16)
+    grid = Grid(83, 117, 48, stride, 16)
     (top, bottom), (left, right) = grid.padded_rows, grid.padded_cols
     padded = (bottom - top) * (right - left)
     shared, window = engines["shared"], engines["window"]
@@ -245,7 +249,7 @@ def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, ca
     assert "shared engine, backbone once per pixel and view on 1 tile(s)" in caplog.text
     grid = Grid(50, 70, 48, 16, 16)
     assert grid.row_starts[0] == -16 and grid.col_starts[0] == -16  # margin 16, not 16 + 0
-    assert Grid(50, 70, 448, 112, 16).row_starts[0] == -160  # 168 rounded down to 160
+    assert Grid(50, 70, 448, 112, 16).row_starts[0] == -176  # 168 rounded up to 176
 
 
 # --- ONNX: backbone and head graphs beside model.onnx -------------------------------------
