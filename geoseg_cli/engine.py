@@ -89,7 +89,9 @@ class InferenceModel(nn.Module):
         are multiples of 16.
         """
         size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
-        logits = self.model.head(features)
+        # Small logits to NCHW first: upsampling and softmax then write NCHW directly, with
+        # no copy of the large output from channels_last.
+        logits = self.model.head(features).contiguous()
         logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
         return torch.softmax(logits, dim=1)
 
