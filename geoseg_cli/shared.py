@@ -39,9 +39,9 @@ from geoseg_cli.tta import View, merge_views
 from geoseg_cli.windows import Grid
 
 #: Largest tile side (pixels, before the halo) on a CPU: a 2-core AVX-512 CPU ran the
-#: resnet50 trunk (channels_last) at 1.4–1.7 Mpx/s on inputs up to 672² but at 1.0–1.1 Mpx/s
-#: on 896² and larger; 640 px tiles (768² with the halo) were 12 % faster than 512 px ones.
-CPU_TILE = 640
+#: resnet50 trunk (channels_last) at 1.6–1.7 Mpx/s on inputs up to 544², 1.4 Mpx/s on 672²
+#: and 1.0–1.1 Mpx/s on 896² and larger; 640 px tiles were no faster end to end.
+CPU_TILE = 512
 #: Largest tile side on a GPU, which runs large inputs efficiently (fewer halo pixels).
 GPU_TILE = 2048
 #: Context (pixels) read around each tile on the sides where it meets another tile. With

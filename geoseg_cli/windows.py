@@ -1,10 +1,10 @@
 """Pure window arithmetic for sliding-window inference: grids, reflect indexes, weights.
 
 Conventions (DESIGN.md §6): windows of size ``T`` step by stride ``S``. The grid starts half
-the overlap *before* the raster (``margin = (T - S) // 2``, rounded up to a multiple of 16
-when the stride is one, so that windows start on the backbone's 16-px feature grid and both
-predict engines place the same windows) so that every raster pixel lies in the central part
-of some window; windows that reach past the raster are filled by
+the overlap *before* the raster (``margin = (T - S) // 2``; when the stride is a multiple of
+16, rounded down to one — but not to zero — so that windows start on the backbone's 16-px
+feature grid and both predict engines place the same windows) so that every raster pixel
+lies in the central part of some window; windows that reach past the raster are filled by
 reflect padding rather than shifted inwards, so every window keeps its full size and the
 grid stays regular. Nothing here does I/O.
 """
@@ -20,10 +20,11 @@ WEIGHT_FLOOR = 1e-3
 
 
 def margin(window: int, stride: int, align: int = 1) -> int:
-    """Pixels the grid starts before the raster: half the overlap ``T - S``, rounded up to
-    a multiple of ``align`` (so that window offsets stay multiples of it; rounding up keeps
-    the raster's first pixels away from the first window's border)."""
-    return -(-((window - stride) // 2) // align) * align
+    """Pixels the grid starts before the raster: half the overlap ``T - S``, rounded down
+    to a multiple of ``align`` (so that window offsets stay multiples of it) but not to zero
+    when the windows overlap (the raster's first pixels stay off the first window's border)."""
+    half = (window - stride) // 2
+    return max(half // align * align, min(align, window - stride))
 
 
 def window_starts(size: int, window: int, stride: int, align: int = 1) -> np.ndarray:
@@ -37,7 +38,7 @@ def window_starts(size: int, window: int, stride: int, align: int = 1) -> np.nda
         size: Raster length along the axis (pixels), at least 1.
         window: Window size ``T``.
         stride: Step ``S`` with ``1 <= S <= T``.
-        align: The margin is rounded up to a multiple of it (with ``T`` and ``S``
+        align: The margin is rounded down to a multiple of it (with ``T`` and ``S``
             multiples of ``align``, every offset is one).
 
     Returns:

@@ -211,7 +211,7 @@ def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
     assert meta["transform"] == rasterio.windows.transform(Window(20, 20, 25, 30), t)
     expected = pixelwise(image[np.newaxis, :, 20:50, 20:45] / np.float32(255))[0].argmax(0)
     np.testing.assert_array_equal(part[0], expected)
-    # Windows start 16 px (half the overlap, 8, rounded up to the 16-px feature grid) before
+    # Windows start 16 px (half the overlap, 8, rounded to the 16-px feature grid) before
     # the part: real pixels, not reflections.
     np.testing.assert_allclose(bands[0] * 255, image[:, 4:36, 4:68], atol=1e-4)
 

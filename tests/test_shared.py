@@ -108,7 +108,7 @@ def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp
     nodata corner and a nodata row band: every window's probabilities are the window
     engine's, and the backbone sees each padded pixel once per view (plus halos). Both
     engines start the grid on the feature grid (stride 32: half the overlap, 8 px, rounded
-    up to 16), so they place the same windows."""
+    to 16), so they place the same windows."""
     results, engines = {}, {}
     for engine in ("window", "shared"):
         stub = engines[engine] = LocalBackbone(window=48)
@@ -249,7 +249,8 @@ def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, ca
     assert "shared engine, backbone once per pixel and view on 1 tile(s)" in caplog.text
     grid = Grid(50, 70, 48, 16, 16)
     assert grid.row_starts[0] == -16 and grid.col_starts[0] == -16  # margin 16, not 16 + 0
-    assert Grid(50, 70, 448, 112, 16).row_starts[0] == -176  # 168 rounded up to 176
+    assert Grid(50, 70, 448, 112, 16).row_starts[0] == -160  # 168 rounded down to 160
+    assert Grid(50, 70, 32, 16, 16).row_starts[0] == -16  # 8 rounded to 16, not 0
 
 
 # --- ONNX: backbone and head graphs beside model.onnx -------------------------------------
