@@ -6,7 +6,9 @@ effective throughput (raster Mpx/s), the shared engine's speed-up, the class agr
 the two maps, and the ratio of each time to the one-pass-per-pixel bound: the time the
 backbone alone needs to run once over the raster's area, from the backbone's FLOPs per
 pixel (``torch.utils.flop_counter`` on one window) and the best FLOP rate measured on 1 or 4
-windows on this machine.
+windows on this machine. It also prints what one window and view costs the whole network
+(batch 1) and the head with its output alone (upsampling and softmax, 16 windows per pass):
+their ratio caps the shared engine's speed-up, however cheap its backbone pass.
 
 Usage::
 
@@ -93,6 +95,27 @@ def backbone_rate(engine: TorchEngine, window: int, rounds: int) -> tuple[float,
     return per_pixel, best
 
 
+def head_share(engine: TorchEngine, window: int, rounds: int) -> tuple[float, float]:
+    """(seconds per window for the whole network at batch 1, seconds per window for the head
+    and output alone at 16 windows per pass): what the window engine and the shared engine
+    each spend on one window and view besides reading and blending. Their ratio caps the
+    shared engine's speed-up whatever its backbone costs."""
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 3, window, window), dtype=np.float32)
+    features = engine.features(rng.random((16, 3, window, window), dtype=np.float32))
+
+    def best(fn: object, *args: np.ndarray) -> float:
+        fn(*args)  # warm-up
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(engine.predict, image), best(engine.head_probabilities, features) / 16
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1344, help="Raster side (px).")
@@ -149,6 +172,13 @@ def main() -> None:
         engine = OnnxEngine(model, args.device, threads=args.threads)
     pixels = args.size**2
     bound = pixels * per_pixel / rate
+    whole, head = head_share(torch_engine, args.window, args.rounds)
+    print(
+        f"per window and view: whole network {1e3 * whole:.1f} ms (batch 1), head and output "
+        f"{1e3 * head:.1f} ms (16 per pass): the shared engine cannot beat the window engine "
+        f"by more than {whole / head:.1f}x",
+        file=sys.stderr,
+    )
     print(
         f"{args.variant}/{args.backbone}, window {args.window}, {args.size}x{args.size} px, "
         f"{args.runtime} on {args.device}, {args.threads} threads: backbone "
