@@ -3,7 +3,8 @@
 Predicts RASTER with CHECKPOINT through both engines for each STRIDE:TTA configuration and
 prints, over the valid pixels of the window engine's map: the share of pixels with the same
 class, the same share among pixels the window engine is confident about (top probability
-≥ 0.9), and how far disagreeing pixels lie from a class boundary of the window engine's map.
+≥ 0.9), and the share of disagreeing pixels within 2 px (Euclidean, as ``geoseg evaluate
+--boundary-erosion 2``) of a class boundary of the window engine's map.
 
 Usage::
 
@@ -22,29 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import rasterio
 import torch
 
 from geoseg_cli.engine import load_engine
+from geoseg_cli.metrics import boundary_mask
 from geoseg_cli.predict import PredictOptions, predict_raster
-
-
-def boundary_distance(classes: np.ndarray, limit: int) -> np.ndarray:
-    """Chebyshev distance (pixels, capped at ``limit``) to the nearest pixel of another class."""
-    distance = np.full(classes.shape, limit, np.int16)
-    for d in range(limit, 0, -1):
-        padded = np.pad(classes, d, mode="edge")
-        near = np.zeros(classes.shape, bool)
-        h, w = classes.shape
-        for dy in (-d, 0, d):
-            for dx in (-d, 0, d):
-                near |= padded[d + dy : d + dy + h, d + dx : d + dx + w] != classes
-        distance[near] = d - 1
-    return distance
 
 
 def run(engine: object, raster: Path, out: Path, engine_name: str, stride: int, tta: str | None):
@@ -87,7 +73,7 @@ def main() -> None:
             same = got == ref
             confident = valid & (top >= args.confident)
             differ = valid & ~same
-            near = boundary_distance(ref, 3) <= 2
+            near = boundary_mask(ref, 2)
             share = confident.sum() / valid.sum()
             print(f"| {config} | {t_window:.1f} | {t_shared:.1f} "
                   f"| {100 * same[valid].mean():.2f} % | {100 * share:.1f} % "
