@@ -4,9 +4,10 @@ An engine maps a batch of windows whose band values are already scaled to [0, 1]
 (N×C×T×T float32) to per-class probabilities (N×K×T×T float32). Standardization and
 softmax happen inside the engine, exactly as inside an exported ONNX graph.
 
-Engines that can also run the two halves of the network separately — the backbone on any
-region (standardization included) and the head on feature patches — implement
-:class:`FeatureEngine`; predict's shared-backbone mode (:mod:`geoseg_cli.shared`) needs it.
+Engines that can also run the two halves of the network separately — the backbone and the
+head's per-position projection on any region (standardization included), and the rest of
+the head on window patches of it — implement :class:`FeatureEngine`; predict's
+shared-backbone mode (:mod:`geoseg_cli.shared`) needs it.
 """
 
 from __future__ import annotations
@@ -44,17 +45,20 @@ class Engine(Protocol):
 class FeatureEngine(Engine, Protocol):
     """An engine that also runs the backbone and the head separately.
 
+    "Features" are the backbone's features through the head's per-position linear maps
+    (:meth:`models.SCGHead.project`): what the window-dependent rest of the head needs.
+
     Attributes:
-        feature_channels: Channels F of the backbone features (1024 for resnet50, 256 for
-            resnet18/34), or None when this engine cannot split the network (e.g. an ONNX
-            model exported without its backbone and head graphs).
+        feature_channels: Channels F of the features (128 + 10·K for the ``scg`` kinds,
+            128 + 9·K for ``scgae``, K classes), or None when this engine cannot split the
+            network (e.g. an ONNX model exported without its backbone and head graphs).
     """
 
     feature_channels: int | None
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """Backbone features (N×F×H/16×W/16 float32) of scaled input (N×C×H×W float32,
-        H and W multiples of 16); standardization is applied first."""
+        """Features (N×F×H/16×W/16 float32) of scaled input (N×C×H×W float32, H and W
+        multiples of 16); standardization is applied first."""
         ...
 
     def head_probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -78,12 +82,14 @@ class InferenceModel(nn.Module):
         return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        """The first half of :meth:`forward`: standardize, then the backbone (stride 16)."""
-        return self.model.backbone((image - self.mean) / self.std)
+        """The first half of :meth:`forward`: standardize, the backbone (stride 16), the
+        head's per-position projection (:meth:`models.SCGHead.project`)."""
+        return self.model.head.project(self.model.backbone((image - self.mean) / self.std))
 
     def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The second half of :meth:`forward`: the head on backbone features, bilinear
-        upsampling (align_corners=False) by :data:`FEATURE_STRIDE`, softmax.
+        """The second half of :meth:`forward`: the rest of the head on a window's
+        features, bilinear upsampling (align_corners=False) by :data:`FEATURE_STRIDE`,
+        softmax.
 
         ``head_probabilities(features(x))`` equals ``forward(x)`` for windows whose sides
         are multiples of 16.
@@ -91,7 +97,7 @@ class InferenceModel(nn.Module):
         size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
         # Small logits to NCHW first: upsampling and softmax then write NCHW directly, with
         # no copy of the large output from channels_last.
-        logits = self.model.head(features).contiguous()
+        logits = self.model.head.decode(features).contiguous()
         logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
         return torch.softmax(logits, dim=1)
 
@@ -150,18 +156,18 @@ class TorchEngine:
 
     @property
     def feature_channels(self) -> int:
-        """Channels of the backbone features."""
-        return self.module.model.backbone.out_channels
+        """Channels of the features (the head's projection)."""
+        return self.module.model.head.projected_channels
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self._run(self.module, batch)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """Backbone features of scaled input (see :class:`FeatureEngine`)."""
+        """Features of scaled input (see :class:`FeatureEngine`)."""
         return self._run(self.module.features, batch)
 
     def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Head probabilities on backbone features (see :class:`FeatureEngine`)."""
+        """Head probabilities on a window's features (see :class:`FeatureEngine`)."""
         return self._run(self.module.head_probabilities, features)
 
     @torch.inference_mode()

@@ -12,8 +12,9 @@ input at a batch size other than the traced one; fp32 must match PyTorch within
 
 Beside ``model.onnx`` two more graphs are written for predict's shared-backbone engine
 (unless ``split=False``): ``model.backbone.onnx`` (``image`` [N, C, H, W], any H and W
-multiples of 16 → ``features`` [N, F, H/16, W/16], standardization inside) and
-``model.head.onnx`` (``features`` [N, F, T/16, T/16] → ``probabilities`` [N, K, T, T]).
+multiples of 16 → ``features`` [N, F, H/16, W/16]: standardization, the backbone and the
+head's per-position projection) and ``model.head.onnx`` (``features`` [N, F, T/16, T/16]
+→ ``probabilities`` [N, K, T, T]: the rest of the head, upsampling, softmax).
 The ``geoseg`` metadata of ``model.onnx`` names them with their SHA-256, so a stale or
 foreign part is never used; ``model.onnx`` itself stays the plain single graph GeoDeep and
 QGIS Deepness run. Both parts are parity-checked too: the head on the backbone's features

@@ -131,7 +131,7 @@ class OnnxEngine:
             ``recommended_stride`` and ``precision``).
         input_size: The fixed window size of the graph, or None when it takes any size.
         providers: The execution providers in use.
-        feature_channels: Backbone channels when the backbone and head graphs are usable,
+        feature_channels: Feature channels when the backbone and head graphs are usable,
             else None (predict then uses the window engine).
     """
 
@@ -201,11 +201,11 @@ class OnnxEngine:
         return output.astype(np.float32, copy=False)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        """Backbone features (N×F×H/16×W/16) of scaled input (N×C×H×W, multiples of 16)."""
+        """Features (N×F×H/16×W/16) of scaled input (N×C×H×W, multiples of 16)."""
         return self._run_part("backbone", "image", batch)
 
     def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities (N×K×16h×16w) of the head on backbone features (N×F×h×w).
+        """Probabilities (N×K×16h×16w) of the head on a window's features (N×F×h×w).
 
         Raises:
             UsageError: The model was exported for a fixed window and the features are of

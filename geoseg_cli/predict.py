@@ -58,11 +58,12 @@ from geoseg_cli.raster import (
     read_masked,
 )
 from geoseg_cli.shared import (
+    CPU_HEAD_BATCH,
     CPU_TILE,
     DEFAULT_HALO,
-    DEFAULT_HEAD_BATCH,
     RegionReader,
     SharedPredictor,
+    default_head_batch,
     default_tile,
     feature_channels,
     split_span,
@@ -102,7 +103,8 @@ class PredictOptions:
         stride: Stride S, 1..T (default: T // 2). Overlap is T - S.
         tta: None, ``"flip"`` (identity + horizontal + vertical flip) or ``"d4"``.
         batch_size: Images (windows × TTA views) per forward pass; with the shared engine,
-            per head pass (default: 4 for the window engine, 16 for the shared engine).
+            per head pass (default: 4 for the window engine; for the shared engine 4 on a
+            CPU, 16 on a GPU).
         bands: 1-based source bands in model channel order (default: the model's).
         nodata: Input nodata value overriding the raster's own masks.
         bounds: ``(left, bottom, right, top)`` in the raster CRS: predict only that part.
@@ -361,6 +363,7 @@ def make_plan(
     info: ModelInfo,
     options: PredictOptions,
     features: int | None = None,
+    head_batch: int = CPU_HEAD_BATCH,
 ) -> Plan:
     """Check the inputs against the model, pick the engine and fix the window grid.
 
@@ -368,8 +371,9 @@ def make_plan(
         src: The open input raster.
         info: The model description.
         options: The prediction options.
-        features: Backbone channels when the engine can run backbone and head separately
+        features: Feature channels when the engine can run backbone and head separately
             (needed by the shared engine), else None.
+        head_batch: The shared engine's batch size when ``options`` gives none.
 
     Raises:
         UsageError: Bad window, stride, batch size, engine or band selection.
@@ -420,7 +424,7 @@ def make_plan(
         nodata=nodata,
         views=tta_views(options.tta),
         batch_size=options.batch_size
-        or (DEFAULT_HEAD_BATCH if engine == "shared" else DEFAULT_WINDOW_BATCH),
+        or (head_batch if engine == "shared" else DEFAULT_WINDOW_BATCH),
         num_classes=info.model.num_classes,
         probabilities=options.probabilities,
         tta=options.tta,
@@ -515,7 +519,9 @@ def predict_raster(
     output = Path(output)
     extra = check_outputs(output, options)
     with open_raster(source) as src:
-        plan = make_plan(src, engine.info, options, feature_channels(engine))
+        plan = make_plan(
+            src, engine.info, options, feature_channels(engine), default_head_batch(engine)
+        )
         log.info("%s: %s", source, plan.describe())
         step = predictor or _predictor(engine, plan, src)
         tags = _tags(engine, plan)

@@ -90,8 +90,15 @@ class GraphLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, graph: Graph) -> torch.Tensor:
-        y = self.propagate(graph, nn.functional.linear(x, self.linear.weight))
-        y = y + self.linear.bias
+        return self.aggregate(nn.functional.linear(x, self.linear.weight), graph)
+
+    def aggregate(self, xw: torch.Tensor, graph: Graph) -> torch.Tensor:
+        """The layer after its weight product: propagate X·W (B×n×d, bias not yet added)
+        over the graph, add the bias, then BN + ReLU in a hidden layer.
+
+        X·W is per node, so a caller may compute it once for many graphs (the SCG head does
+        for overlapping windows)."""
+        y = self.propagate(graph, xw) + self.linear.bias
         if self.norm is not None:
             y = torch.relu(self.norm(y.transpose(1, 2)).transpose(1, 2))
         return y

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ from models.scg import SCGBlock, from_nodes, to_nodes
 
 if TYPE_CHECKING:
     from models.registry import Variant
+
+T = TypeVar("T")
 
 #: Hidden features d of the first graph layer.
 HIDDEN_FEATURES = 128
@@ -42,13 +46,33 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
+def _in_float32(
+    method: Callable[[SCGHead, torch.Tensor], T],
+) -> Callable[[SCGHead, torch.Tensor], T]:
+    """Run a head method in float32 with autocast off when autocast is on (the adjacency
+    Z·Zᵀ, γ and the logarithms are range-sensitive); otherwise in the input's dtype."""
+
+    @functools.wraps(method)
+    def wrapper(self: SCGHead, x: torch.Tensor) -> T:
+        device_type = x.device.type
+        if _autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return method(self, x.float())
+        return method(self, x)
+
+    return wrapper
+
+
 class SCGHead(nn.Module):
     """SCG block + GNN1 (C→128, BN + ReLU) + GNN2 (128→c), optional residual sum.
 
     Usable on its own: ``head(features)`` maps backbone features B×C×h×w to logits
     B×c×h×w; in training mode it returns a :class:`SegmentationOutput` with the SCG losses.
-    Under autocast the head runs in float32 (the adjacency Z·Zᵀ, γ and the logarithms are
-    range-sensitive); outside autocast it runs in the input's dtype.
+    It runs in two steps, ``decode(project(features))``: :meth:`project` holds every
+    per-position linear map (the bulk of the head's multiply-adds), :meth:`decode` the part
+    that needs the whole window (graph, propagation, residual). Under autocast both run in
+    float32 (the adjacency Z·Zᵀ, γ and the logarithms are range-sensitive); outside
+    autocast in the input's dtype.
 
     Args:
         in_channels: Feature channels C.
@@ -73,23 +97,35 @@ class SCGHead(nn.Module):
         self.gnn1 = GNN_LAYERS[variant.gnn1](in_channels, HIDDEN_FEATURES, hidden=True)
         self.gnn2 = GNN_LAYERS[variant.gnn2](HIDDEN_FEATURES, num_classes, hidden=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        device_type = features.device.type
-        if _autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return self._forward(features.float())
-        return self._forward(features)
+    @property
+    def projected_channels(self) -> int:
+        """Channels of :meth:`project`: GNN1's hidden features, then the SCG block's maps."""
+        return HIDDEN_FEATURES + self.scg.projection_channels
 
-    def _forward(self, features: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        height, width = features.shape[-2:]
-        if self.nodes is not None:
-            features = F.adaptive_avg_pool2d(features, self.nodes)
-        scg = self.scg(features)
-        y = self.gnn1(to_nodes(features), scg.graph)
+    @_in_float32
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's per-position linear maps of backbone features B×C×h×w: GNN1's X·W
+        and the SCG block's projection (:meth:`SCGBlock.projection_weight`), B×P×h×w.
+
+        They do not depend on the window, so a caller running the head on many overlapping
+        windows may project the features once and crop the windows from the result.
+        """
+        weight = torch.cat([self.gnn1.linear.weight, self.scg.projection_weight()])
+        return F.conv2d(features, weight[:, :, None, None])
+
+    @_in_float32
+    def decode(self, projected: torch.Tensor) -> torch.Tensor | SegmentationOutput:
+        """The rest of the head on one window's projected features B×P×h×w: the graph,
+        the graph layers and the residual (what :meth:`forward` returns)."""
+        height, width = projected.shape[-2:]
+        if self.nodes is not None:  # average pooling commutes with the linear projection
+            projected = F.adaptive_avg_pool2d(projected, self.nodes)
+        scg = self.scg(projected[:, HIDDEN_FEATURES:])
+        y = self.gnn1.aggregate(to_nodes(projected[:, :HIDDEN_FEATURES]), scg.graph)
         y = self.gnn2(y, scg.graph)
         if self.residual:
             y = y + scg.residual
-        logits = from_nodes(y, features.shape[-2], features.shape[-1])
+        logits = from_nodes(y, projected.shape[-2], projected.shape[-1])
         if self.nodes is not None:
             logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
         if not self.training:
@@ -97,6 +133,9 @@ class SCGHead(nn.Module):
         zero = logits.new_zeros(())
         kl_loss = scg.kl_loss if scg.kl_loss is not None else zero
         return SegmentationOutput(logits, kl_loss, scg.dl_loss)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor | SegmentationOutput:
+        return self.decode(self.project(features))
 
 
 class SCGNet(nn.Module):

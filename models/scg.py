@@ -1,6 +1,7 @@
 """Self-Constructing Graph blocks: SCG (variational), SCGae and SCGdir (DESIGN.md §2).
 
-A block turns backbone features B×C×h×w into a graph over the n = h·w positions (nodes,
+A block turns backbone features B×C×h×w, projected once per position by its linear maps
+(:meth:`SCGBlock.projection_weight`), into a graph over the n = h·w positions (nodes,
 node-major order), the residual Ẑ that the head may add to its output, and — in training
 mode only — the auxiliary losses L_kl and L_dl. No loss op is built in eval mode, so an
 exported graph holds none.
@@ -8,10 +9,12 @@ exported graph holds none.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from models.gnn import Graph
 
@@ -82,15 +85,47 @@ class SCGBlock(nn.Module):
             if conv is not None:
                 nn.init.xavier_uniform_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        # Sums the nine projected taps, each shifted to its kernel position, with zero
+        # padding: a fixed 3×3 convolution (9·c → c) with one 1 per output and tap.
+        shifts = torch.zeros(num_classes, 9 * num_classes, 3, 3)
+        for t, (i, j) in enumerate(itertools.product(range(3), repeat=2)):
+            shifts[:, t * num_classes : (t + 1) * num_classes, i, j] = torch.eye(num_classes)
+        self.register_buffer("tap_shifts", shifts, persistent=False)
 
-    def forward(self, features: torch.Tensor) -> SCGOutput:
-        mean = to_nodes(self.mu(features))
+    @property
+    def projection_channels(self) -> int:
+        """Rows of :meth:`projection_weight`: 9·c, plus c for a variational kind."""
+        c = self.mu.out_channels
+        return 9 * c + (c if self.log_sigma is not None else 0)
+
+    def projection_weight(self) -> torch.Tensor:
+        """The block's per-position linear maps of the features as one P×C matrix.
+
+        Rows ``t·c`` to ``t·c + c − 1`` hold tap ``t = 3i + j`` of the 3×3 convolution M
+        (kernel row i, column j); the last c rows, for a variational kind, the 1×1
+        convolution L. Features projected by it, once per position, give M and L of any
+        window through :meth:`forward`, which adds the taps shifted, with the window's own
+        zero padding (:attr:`tap_shifts`) — exactly the convolutions on the window's
+        features.
+        """
+        c, channels = self.mu.out_channels, self.mu.in_channels
+        taps = self.mu.weight.permute(2, 3, 0, 1).reshape(9 * c, channels)
+        if self.log_sigma is None:
+            return taps
+        return torch.cat([taps, self.log_sigma.weight.flatten(1)])
+
+    def forward(self, projected: torch.Tensor) -> SCGOutput:
+        """The graph of the B×P×h×w features projected by :meth:`projection_weight`."""
+        c = self.mu.out_channels
+        mean = F.conv2d(projected[:, : 9 * c], self.tap_shifts, self.mu.bias, padding=1)
+        mean = to_nodes(mean)
         kl_loss = None
         if self.log_sigma is None:
             z = mean
             residual = mean
         else:
-            log_sigma = to_nodes(self.log_sigma(features)).clamp(max=LOG_SIGMA_MAX)
+            log_sigma = projected[:, 9 * c :] + self.log_sigma.bias.view(1, c, 1, 1)
+            log_sigma = to_nodes(log_sigma).clamp(max=LOG_SIGMA_MAX)
             z = mean
             if self.training:
                 z = mean + torch.exp(log_sigma) * torch.randn_like(mean)
@@ -100,7 +135,7 @@ class SCGBlock(nn.Module):
             residual = mean * (1 - log_sigma)
 
         left = torch.softmax(z, dim=-1) if self.kind == "scgdir" else z
-        adjacency = torch.relu(torch.bmm(left, z.transpose(1, 2)))
+        adjacency = torch.bmm(left, z.transpose(1, 2)).relu_()
         diagonal = adjacency.diagonal(dim1=1, dim2=2)
         nodes = diagonal.shape[-1]
         # sum / n rather than mean(): ONNX export to opset 17 cannot lower ReduceMean here

@@ -32,6 +32,11 @@ def small(name: str, classes: int = 4, bands: int = 3, **kw) -> models.SCGNet:
     return create_model(name, classes, bands, backbone="resnet18", **kw)
 
 
+def run_scg(scg: models.scg.SCGBlock, features: torch.Tensor) -> models.scg.SCGOutput:
+    """An SCG block on backbone features (projected first, as the head does)."""
+    return scg(F.conv2d(features, scg.projection_weight()[:, :, None, None]))
+
+
 def test_registry_and_errors() -> None:
     assert VARIANTS == [
         "scg-gcn",
@@ -170,11 +175,32 @@ def test_head_matches_dense_formulas(name: str) -> None:
         torch.testing.assert_close(head(features), _dense_head_reference(head, features))
 
 
+@pytest.mark.parametrize(
+    ("name", "nodes"), [("scg-gcn", None), ("scgae-gcn", None), ("scg-gcn-gin", (2, 3))]
+)
+def test_head_on_a_crop_of_projected_features_equals_head_on_the_crop(name, nodes) -> None:
+    """What the shared engine relies on: projecting a whole feature map once and decoding
+    a window's crop gives the head's output on that window's features alone (the 3×3
+    convolution still sees zero padding at the window's border)."""
+    head = small(name, nodes=nodes).head.eval()
+    features = torch.randn(2, 256, 9, 11)
+    with torch.no_grad():
+        projected = head.project(features)
+        assert projected.shape == (2, head.projected_channels, 9, 11)
+        for rows, cols in ((slice(0, 6), slice(0, 6)), (slice(2, 9), slice(3, 8))):
+            alone = head(features[:, :, rows, cols])
+            cropped = head.decode(projected[:, :, rows, cols])
+            torch.testing.assert_close(cropped, alone, rtol=1e-4, atol=1e-4)
+            # a conv over the whole map instead of the crop differs at the crop's border
+            border = head.scg.mu(features)[:, :, rows, cols]
+            assert not torch.allclose(border, head.scg.mu(features[:, :, rows, cols]))
+
+
 def test_scgdir_adjacency_is_not_symmetric() -> None:
     features = torch.rand(2, 256, 4, 4)
     with torch.no_grad():
-        directed = small("scgdir-gcn").head.scg.eval()(features).graph.adjacency
-        symmetric = small("scg-gcn").head.scg.eval()(features).graph.adjacency
+        directed = run_scg(small("scgdir-gcn").head.scg.eval(), features).graph.adjacency
+        symmetric = run_scg(small("scg-gcn").head.scg.eval(), features).graph.adjacency
     assert (directed - directed.transpose(1, 2)).abs().max() > 1e-3
     torch.testing.assert_close(symmetric, symmetric.transpose(1, 2))
 
@@ -193,8 +219,8 @@ def test_losses_only_in_training() -> None:
     scg = small("scg-gcn").head.scg
     features = torch.rand(1, 256, 3, 3)
     with torch.no_grad():
-        evaluated = scg.eval()(features)
-        trained = scg.train()(features)
+        evaluated = run_scg(scg.eval(), features)
+        trained = run_scg(scg.train(), features)
     assert evaluated.kl_loss is None and evaluated.dl_loss is None
     assert trained.kl_loss is not None and trained.dl_loss is not None
     assert not torch.equal(trained.graph.adjacency, evaluated.graph.adjacency)  # Z is sampled

@@ -269,10 +269,12 @@ def onnx_export(tmp_path_factory) -> tuple[Path, Path]:
 def test_onnx_split_graphs_match_pytorch(onnx_export, nodata_scene, tmp_path):
     checkpoint, model = onnx_export
     torch_engine, onnx_engine = TorchEngine(checkpoint, "cpu"), OnnxEngine(model, "cpu")
-    assert onnx_engine.feature_channels == torch_engine.feature_channels == 256
+    # GNN1's 128 hidden features, 9 taps of M and L per class (scg-gcn)
+    channels = 128 + 10 * torch_engine.info.model.num_classes
+    assert onnx_engine.feature_channels == torch_engine.feature_channels == channels
     tile = np.random.default_rng(2).random((1, 3, 48, 80), dtype=np.float32)
     features = torch_engine.features(tile)
-    assert features.shape == (1, 256, 3, 5)
+    assert features.shape == (1, channels, 3, 5)
     np.testing.assert_allclose(onnx_engine.features(tile), features, atol=1e-4 * features.max())
     patch = np.ascontiguousarray(np.concatenate([features[..., :2, :2], features[..., 1:, 3:]]))
     np.testing.assert_allclose(
@@ -316,7 +318,7 @@ def test_onnx_without_matching_parts_uses_the_window_engine(onnx_export, nodata_
         assert OnnxEngine(copy, "cpu").feature_channels is None
         assert "m.head.onnx does not belong to" in caplog.text
         (tmp_path / head.name).write_bytes(head.read_bytes())  # the parts keep their names
-        assert OnnxEngine(copy, "cpu").feature_channels == 256
+        assert OnnxEngine(copy, "cpu").feature_channels == 128 + 10 * 3  # 3 classes
     finally:
         logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
 
@@ -330,16 +332,18 @@ def test_export_no_split_writes_model_onnx_alone(onnx_export, tmp_path):
     assert OnnxEngine(out, "cpu").feature_channels is None
 
 
-def test_gcn_layers_multiply_by_the_weights_before_aggregating():
-    """The head runs once per window and view in the shared engine: GNN1 must compute
-    Â·(X·W) (n·1024·128 + n²·128 multiply-adds), not (Â·X)·W (n²·1024 + n·1024·128)."""
-    head = create_model("scg-gcn", 6, 3, backbone="resnet50").head.eval()
-    features = torch.rand(1, 1024, 28, 28)
+def test_head_projects_once_per_position_and_aggregates_per_window():
+    """The shared engine runs ``project`` once per position and ``decode`` per window and
+    view: every product with the 1024 backbone channels must be in ``project``, and GNN1
+    must aggregate X·W (Â·(X·W), n²·128 multiply-adds), not X ((Â·X)·W, n²·1024)."""
+    classes, n = 6, 28 * 28
+    head = create_model("scg-gcn", classes, 3, backbone="resnet50").head.eval()
     with torch.inference_mode():
-        scg = head.scg(features)
-        x = features.permute(0, 2, 3, 1).flatten(1, 2)
         with FlopCounterMode(display=False) as counter:
-            head.gnn1(x, scg.graph)
-    n = 28 * 28
+            projected = head.project(torch.rand(1, 1024, 28, 28))
+        assert counter.get_total_flops() == 2 * n * 1024 * (128 + 10 * classes)
+        with FlopCounterMode(display=False) as counter:
+            head.decode(projected)
     products = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
-    assert products == 2 * (n * 1024 * 128 + n * n * 128)
+    # Z·Zᵀ, Â·(X·W), H·W₂, Â·(H·W₂)
+    assert products == 2 * (n * n * classes + n * n * 128 + n * 128 * classes + n * n * classes)

@@ -73,7 +73,7 @@ class _OptionalChoice(click.Choice):
     type=click.IntRange(min=1),
     default=None,
     help="Images (windows x TTA views) per forward pass; with the shared engine, per head "
-    "pass. Results do not depend on it. [default: 16 shared, 4 window]",
+    "pass. Results do not depend on it. [default: 4; shared engine on a GPU: 16]",
 )
 @click.option(
     "--engine",
