@@ -41,6 +41,7 @@ import onnxruntime as ort
 import rasterio
 import torch
 
+from geoseg_cli.allocator import keep_freed_memory
 from geoseg_cli.checkpoint import (
     Checkpoint,
     InputSpec,
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="Print markdown tables.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    keep_freed_memory()  # as the geoseg command does
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="geoseg-bench-onnx-") as work:
         run(args, Path(work))

@@ -110,9 +110,11 @@ def child(args: argparse.Namespace) -> None:
     """Runs in the subprocess: load the engine, predict (unless baseline), report JSON."""
     import torch
 
+    from geoseg_cli.allocator import keep_freed_memory
     from geoseg_cli.engine import TorchEngine
     from geoseg_cli.predict import PredictOptions, predict_raster
 
+    keep_freed_memory()  # as the geoseg command does
     torch.set_num_threads(args.threads)
     engine = (
         StandInEngine(args.window) if args.engine == "stand-in" else TorchEngine(args.ckpt, "cpu")

@@ -13,6 +13,7 @@ import sys
 import click
 
 from geoseg_cli import __version__
+from geoseg_cli.allocator import keep_freed_memory
 from geoseg_cli.errors import GeosegError, UsageError
 
 log = logging.getLogger("geoseg_cli")
@@ -113,6 +114,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose > 0
     configure_logging(-1 if quiet else verbose)
+    keep_freed_memory()
 
 
 def main() -> None:
