@@ -120,7 +120,7 @@ class PredictOptions:
             shared engine falls back to the window engine when the model cannot split into
             backbone and head, or when windows do not overlap (nothing to share).
         tile: Shared engine: largest backbone tile side in pixels, a multiple of 16
-            (default: 512 on a CPU, 2048 on a GPU).
+            (default: 1024 on a CPU, 2048 on a GPU).
         halo: Shared engine: context around inner tile sides in pixels (a multiple of 16).
     """
 
