@@ -94,7 +94,12 @@ def merge_views(
         outputs = forward(np.stack([view_input(i, v) for i, v in chunk]))
         for (i, v), y in zip(chunk, outputs, strict=True):
             y = views[v].invert(y)
-            partial[i] = y.copy() if v == 0 else partial[i] + y
+            if v == 0:
+                partial[i] = y.copy()
+            else:
+                partial[i] += y
             if v == len(views) - 1:
                 total = partial.pop(i)
-                yield total if len(views) == 1 else total / np.float32(len(views))
+                if len(views) > 1:
+                    total /= np.float32(len(views))
+                yield total
