@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import rasterio
 import torch
 
+from geoseg_cli.allocator import keep_freed_memory
 from geoseg_cli.engine import load_engine
 from geoseg_cli.metrics import boundary_mask
 from geoseg_cli.predict import PredictOptions, predict_raster
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--confident", type=float, default=0.9)
     args = parser.parse_args()
+    keep_freed_memory()  # as the geoseg command does
     torch.set_num_threads(args.threads)
     engine = load_engine(args.checkpoint, "cpu")
     print(f"model {args.checkpoint} (window {engine.info.window}), raster {args.raster}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from geoseg_cli.allocator import keep_freed_memory
 from geoseg_cli.engine import resolve_device
 from geoseg_cli.train import (
     TrainConfig,
@@ -94,7 +95,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="Leave glibc's malloc as it is (the geoseg command keeps freed memory for reuse).",
+    )
     args = parser.parse_args()
+    if not args.glibc_default:
+        keep_freed_memory()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"device: {device} ({name or platform.machine()}), torch {torch.__version__}, "

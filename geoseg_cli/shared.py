@@ -54,9 +54,11 @@ GPU_TILE = 2048
 #: 64 px a trained resnet50 scg-gcn (T=448) gave the same classes as one seamless tile on
 #: 99.95 % of the pixels (96 px: 99.999 %, 32 px: 99.0 %, none: 94.5 %).
 DEFAULT_HALO = 64
-#: Windows × views per head pass on a CPU when the user gives no batch size: with 448-px
-#: windows, passes of 4 ran the shared engine 1.25× faster end to end than passes of 16 on a
-#: 2-core CPU (outputs under glibc's 32 MiB mmap threshold are reused, not page-faulted anew).
+#: Windows × views per head pass on a CPU when the user gives no batch size. With 448-px
+#: windows on a 2-core CPU, passes of 4 ran the shared engine 1.25× faster end to end than
+#: passes of 16 under glibc's default malloc (their outputs stay under its 32 MiB mmap
+#: threshold and are reused, not page-faulted in anew), and as fast once freed memory is kept
+#: (:mod:`geoseg_cli.allocator`); they also hold less memory.
 CPU_HEAD_BATCH = 4
 #: Windows × views per head pass on a GPU.
 GPU_HEAD_BATCH = 16
