@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from geoseg_cli.errors import UsageError
 from geoseg_cli.export import export_onnx, split_paths
 from geoseg_cli.onnx_engine import OnnxEngine
 from geoseg_cli.predict import EnginePredictor, PredictOptions, predict_raster
-from geoseg_cli.shared import SharedPredictor, split_span
+from geoseg_cli.shared import SharedPredictor, default_head_batch, default_tile, split_span
 from geoseg_cli.tta import tta_views
 from geoseg_cli.windows import Grid, reflect_indices
 from models import create_model
@@ -347,3 +348,16 @@ def test_head_projects_once_per_position_and_aggregates_per_window():
     products = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
     # Z·Zᵀ, Â·(X·W), H·W₂, Â·(H·W₂)
     assert products == 2 * (n * n * classes + n * n * 128 + n * 128 * classes + n * n * classes)
+
+
+@pytest.mark.parametrize(
+    ("engine", "tile", "batch"),
+    [
+        (SimpleNamespace(device=torch.device("cpu")), 1024, 4),
+        (SimpleNamespace(device=torch.device("cuda", 0)), 2048, 16),
+        (SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), 2048, 16),
+        (SimpleNamespace(providers=["CPUExecutionProvider"]), 1024, 4),
+    ],
+)
+def test_tile_and_head_batch_defaults_follow_the_device(engine, tile, batch):
+    assert (default_tile(engine), default_head_batch(engine)) == (tile, batch)
