@@ -202,11 +202,11 @@ class SharedPredictor:
         self._strips: list[_Strip] = []
         self._next_strip = 0
 
-    def __call__(self, band: np.ndarray, offsets: Sequence[int]) -> Iterator[np.ndarray]:
+    def __call__(self, band: np.ndarray | None, offsets: Sequence[int]) -> Iterator[np.ndarray]:
         """Probabilities (K×T×T float32) of the windows at ``offsets`` of the next row band.
 
         Args:
-            band: The band's scaled rows (unused: tiles are read with their halo).
+            band: Unused (None from predict's pipeline): tiles are read with their halo.
             offsets: Column offsets of the windows, relative to the padded band.
         """
         top = self._band_tops[self._band]
