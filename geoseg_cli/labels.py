@@ -452,8 +452,63 @@ def _geojson_crs(doc: dict, path: str) -> CRS | None:
         raise InputError(f"{path}: unreadable 'crs' member {member!r}; remove or fix it") from exc
 
 
+def _read_geojson(path: str) -> tuple[list[dict], CRS | None]:
+    """GeoJSON features (dicts) and the CRS of the legacy ``crs`` member, if any."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable GeoJSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("type") not in ("FeatureCollection", "Feature"):
+        raise InputError(f"{path}: not a GeoJSON Feature or FeatureCollection")
+    features = doc.get("features", []) if doc["type"] == "FeatureCollection" else [doc]
+    return features, _geojson_crs(doc, path)
+
+
+def _read_ogr(path: str) -> tuple[list[dict], CRS | None]:
+    """Features of the first layer of any vector format GDAL reads (GeoPackage, Shapefile,
+    FlatGeobuf...), as GeoJSON-like dicts, and the layer's CRS; needs the optional
+    ``pyogrio`` package (``pip install 'geoseg[vector]'``)."""
+    try:
+        import pyogrio
+        from pyogrio.errors import DataLayerError, DataSourceError
+    except ImportError:
+        raise InputError(
+            f"{path}: reading {Path(path).suffix} labels needs the optional vector reader: "
+            f"pip install 'geoseg[vector]', or convert with "
+            f"`ogr2ogr -f GeoJSON labels.geojson {path}`"
+        ) from None
+    try:
+        layers = pyogrio.list_layers(path)
+        meta, _, wkb, columns = pyogrio.raw.read(path, layer=0)
+    except (DataSourceError, DataLayerError) as exc:
+        raise InputError(f"{path}: not a readable vector file ({exc})") from exc
+    if len(layers) > 1:
+        log.info("%s: %d layers; reading the first, %r", path, len(layers), layers[0][0])
+    try:
+        crs = CRS.from_user_input(meta["crs"]) if meta["crs"] else None
+    except CRSError as exc:
+        raise InputError(f"{path}: unreadable CRS ({exc}); fix its projection") from exc
+    geometries = shapely.from_wkb(wkb)
+    names = [str(n) for n in meta["fields"]]
+    rows = zip(*(c.tolist() for c in columns), strict=True) if names else ([] for _ in wkb)
+    features = [
+        {
+            "geometry": None if g is None else json.loads(shapely.to_geojson(g)),
+            "properties": dict(zip(names, row, strict=True)),
+        }
+        for g, row in zip(geometries, rows, strict=True)
+    ]
+    return features, crs
+
+
+def is_vector_path(path: str | os.PathLike) -> bool:
+    """Whether a label path names vector polygons (by its suffix), not a label raster."""
+    return Path(path).suffix.lower() in _VECTOR_SUFFIXES | _OTHER_VECTOR_SUFFIXES
+
+
 class VectorLabels:
-    """Polygons from a GeoJSON file, rasterised on the image grid in the image CRS.
+    """Vector polygons rasterised on the image grid in the image CRS: GeoJSON (read with
+    json + shapely), or any vector format GDAL reads through the optional ``pyogrio``.
 
     Each feature's class comes from ``class_field`` (integer value or class name) or is the
     constant ``class_value``. Later features are drawn over earlier ones.
@@ -465,22 +520,12 @@ class VectorLabels:
         self, path: str, class_field: str | None = None, class_value: int | None = None
     ) -> None:
         self.path = path
-        suffix = Path(path).suffix.lower()
-        if suffix in _OTHER_VECTOR_SUFFIXES:
-            raise InputError(
-                f"{path}: only GeoJSON vector labels are read; convert with "
-                f"`ogr2ogr -f GeoJSON labels.geojson {path}`"
-            )
-        try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise InputError(f"{path}: no such file; check the path") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: not readable GeoJSON ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("type") not in ("FeatureCollection", "Feature"):
-            raise InputError(f"{path}: not a GeoJSON Feature or FeatureCollection")
-        self.crs = _geojson_crs(doc, path)
-        features = doc.get("features", []) if doc["type"] == "FeatureCollection" else [doc]
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file; check the path")
+        if Path(path).suffix.lower() in _OTHER_VECTOR_SUFFIXES:
+            features, self.crs = _read_ogr(path)
+        else:
+            features, self.crs = _read_geojson(path)
         features = [f for f in features if isinstance(f, dict) and f.get("geometry")]
         if not features:
             raise InputError(f"{path}: no features with a geometry; nothing to rasterise")
@@ -568,7 +613,7 @@ class VectorLabels:
         reproject = self.crs is not None and image.crs is not None and self.crs != image.crs
         if self.crs is None:
             log.info(
-                "%s has no 'crs' member: taking its coordinates to be in the image CRS (%s)",
+                "%s has no CRS: taking its coordinates to be in the image CRS (%s)",
                 self.path,
                 crs_name(image.crs),
             )
@@ -600,8 +645,8 @@ class VectorLabels:
         ids = self._ids(table)
         if not tree.query(shapely.box(*image.bounds)).size:
             log.warning(
-                "%s: no polygon overlaps %s; its labels are all background (if the GeoJSON "
-                "has no 'crs' member, its coordinates must be in the image CRS)",
+                "%s: no polygon overlaps %s; its labels are all background (if the file "
+                "has no CRS, its coordinates must be in the image CRS)",
                 self.path,
                 image.name,
             )
@@ -630,9 +675,9 @@ LabelSource = RasterLabels | VectorLabels
 def open_labels(
     path: str, class_field: str | None = None, class_value: int | None = None
 ) -> LabelSource:
-    """Open a label source: GeoJSON (``.geojson``/``.json``) or a label raster."""
-    suffix = Path(path).suffix.lower()
-    if suffix in _VECTOR_SUFFIXES | _OTHER_VECTOR_SUFFIXES:
+    """Open a label source: vector polygons (GeoJSON, or GeoPackage, Shapefile and the other
+    :data:`_OTHER_VECTOR_SUFFIXES` with ``pyogrio``) or a label raster."""
+    if is_vector_path(path):
         return VectorLabels(path, class_field, class_value)
     return RasterLabels(path)
 

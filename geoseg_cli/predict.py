@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -39,6 +40,8 @@ from typing import Protocol
 import numpy as np
 import rasterio
 import rasterio.shutil
+import shapely
+import shapely.geometry
 from rasterio.features import shapes
 from rasterio.windows import Window
 
@@ -76,8 +79,11 @@ log = logging.getLogger(__name__)
 
 #: Suffix of default output names: ``scene.tif`` → ``scene_pred.tif``.
 OUTPUT_SUFFIX = "_pred"
-#: Vector formats written by :func:`write_vector`.
+#: Vector formats written by :func:`write_vector` with the standard library.
 VECTOR_SUFFIXES = (".geojson", ".json")
+#: Vector formats written through the optional ``pyogrio`` (single-file formats, so the
+#: output can be written under a temporary name and renamed).
+OGR_VECTOR_SUFFIXES = (".gpkg", ".fgb")
 #: The model family's output stride: windows must be a multiple of it.
 WINDOW_MULTIPLE = FEATURE_STRIDE
 #: Inference methods: ``shared`` (backbone once per pixel) and ``window`` (the paper's).
@@ -111,7 +117,8 @@ class PredictOptions:
         probabilities: None, ``"uint8"`` (0–255) or ``"float32"``: also write per-class
             probabilities to ``<output stem>_probabilities.tif``.
         cog: Write Cloud-Optimized GeoTIFFs (with overviews).
-        vector: Also write class polygons to this GeoJSON file.
+        vector: Also write class polygons to this file (GeoJSON; GeoPackage or FlatGeobuf
+            with ``pyogrio``).
         creation_options: GDAL creation options overriding the defaults.
         overwrite: Replace existing outputs.
         engine: ``"shared"`` computes the backbone once per pixel and TTA view and runs only
@@ -582,10 +589,16 @@ def check_outputs(output: Path, options: PredictOptions) -> dict[str, Path | Non
         "probabilities": probabilities_path(output) if options.probabilities else None,
         "vector": Path(options.vector) if options.vector else None,
     }
-    if extra["vector"] is not None and extra["vector"].suffix.lower() not in VECTOR_SUFFIXES:
+    suffix = extra["vector"].suffix.lower() if extra["vector"] else None
+    if suffix is not None and suffix not in VECTOR_SUFFIXES + OGR_VECTOR_SUFFIXES:
         raise UsageError(
-            f"--vector {extra['vector']}: only GeoJSON (.geojson) is written; convert it "
-            "afterwards if needed (ogr2ogr out.gpkg out.geojson)"
+            f"--vector {extra['vector']}: write .geojson, .gpkg or .fgb (convert afterwards "
+            "for other formats: ogr2ogr out.shp out.gpkg)"
+        )
+    if suffix in OGR_VECTOR_SUFFIXES and importlib.util.find_spec("pyogrio") is None:
+        raise UsageError(
+            f"--vector {extra['vector']}: writing {suffix} needs the optional vector writer: "
+            "pip install 'geoseg[vector]', or write .geojson"
         )
     for path in (output, *(p for p in extra.values() if p)):
         check_output(path, options.overwrite)
@@ -839,7 +852,9 @@ def _to_cog(source: Path, target: Path, resampling: str, creation_options: dict[
 
 
 def write_vector(raster: str | os.PathLike, target: str | os.PathLike, info: ModelInfo) -> int:
-    """Write the class polygons of a class map as GeoJSON in the raster's CRS.
+    """Write the class polygons of a class map in the raster's CRS, with attributes
+    ``class_id`` and ``class`` (name): GeoJSON, or GeoPackage / FlatGeobuf (by the suffix of
+    ``target``) through the optional ``pyogrio``.
 
     The whole map is polygonized at once (GDAL reads the band line by line), so polygons
     are merged across window borders; memory grows with the number of polygons, not with
@@ -847,23 +862,37 @@ def write_vector(raster: str | os.PathLike, target: str | os.PathLike, info: Mod
 
     Args:
         raster: Class-map GeoTIFF (uint8/uint16, nodata set).
-        target: GeoJSON file to write.
+        target: Vector file to write (one of :data:`VECTOR_SUFFIXES` or
+            :data:`OGR_VECTOR_SUFFIXES`).
         info: Model description (class names).
 
     Returns:
         Number of polygons written.
     """
+    with rasterio.open(raster) as ds:
+        polygons = (
+            (geometry, int(value))
+            for geometry, value in shapes(rasterio.band(ds, 1), transform=ds.transform)
+            if int(value) != ds.nodata
+        )
+        if Path(target).suffix.lower() in OGR_VECTOR_SUFFIXES:
+            return _write_ogr(polygons, ds.crs, target, info)
+        return _write_geojson(polygons, ds.crs, target, info)
+
+
+def _write_geojson(
+    polygons: Iterable[tuple[dict, int]], crs: rasterio.crs.CRS | None, target: str | os.PathLike,
+    info: ModelInfo,
+) -> int:  # fmt: skip
+    """Stream (GeoJSON geometry, class id) pairs into a FeatureCollection; their number."""
     count = 0
-    with rasterio.open(raster) as ds, open(target, "w", encoding="utf-8") as f:
+    with open(target, "w", encoding="utf-8") as f:
         header = {"type": "FeatureCollection", "name": Path(target).stem}
-        crs = _geojson_crs(ds.crs)
-        if crs:
-            header["crs"] = crs
+        member = _geojson_crs(crs)
+        if member:
+            header["crs"] = member
         f.write(json.dumps(header)[:-1] + ', "features": [\n')
-        for geometry, value in shapes(rasterio.band(ds, 1), transform=ds.transform):
-            class_id = int(value)
-            if class_id == ds.nodata:
-                continue
+        for geometry, class_id in polygons:
             feature = {
                 "type": "Feature",
                 "properties": {"class_id": class_id, "class": info.classes[class_id].name},
@@ -873,6 +902,31 @@ def write_vector(raster: str | os.PathLike, target: str | os.PathLike, info: Mod
             count += 1
         f.write("\n]}\n")
     return count
+
+
+def _write_ogr(
+    polygons: Iterable[tuple[dict, int]], crs: rasterio.crs.CRS | None, target: str | os.PathLike,
+    info: ModelInfo,
+) -> int:  # fmt: skip
+    """Write (GeoJSON geometry, class id) pairs with pyogrio (driver from the suffix, one
+    layer named after the file); their number."""
+    import pyogrio.raw
+
+    geometries, ids = [], []
+    for geometry, class_id in polygons:
+        geometries.append(shapely.geometry.shape(geometry))
+        ids.append(class_id)
+    names = np.array([info.classes[i].name for i in ids], dtype=object)
+    pyogrio.raw.write(
+        target,
+        shapely.to_wkb(geometries),
+        [np.array(ids, dtype=np.int32), names],
+        fields=["class_id", "class"],
+        geometry_type="Polygon",
+        crs=crs.to_wkt() if crs else None,
+        layer=Path(target).stem,
+    )
+    return len(ids)
 
 
 def _geojson_crs(crs: rasterio.crs.CRS | None) -> dict | None:

@@ -32,7 +32,13 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import ClassTable, LabelSource, open_labels, resolve_classes
+from geoseg_cli.labels import (
+    ClassTable,
+    LabelSource,
+    is_vector_path,
+    open_labels,
+    resolve_classes,
+)
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
@@ -160,12 +166,10 @@ def _check_options(
 ) -> None:
     if not images:
         raise UsageError("give at least one image")
-    if len(labels) != len(images) and not (
-        len(labels) == 1 and Path(labels[0]).suffix.lower() in (".geojson", ".json")
-    ):
+    if len(labels) != len(images) and not (len(labels) == 1 and is_vector_path(labels[0])):
         raise UsageError(
             f"{len(images)} image(s) but {len(labels)} label file(s); give one label file per "
-            "image (in the same order), or one GeoJSON for all images"
+            "image (in the same order), or one vector file for all images"
         )
     checks = [
         (size >= 1, f"--size must be ≥ 1, not {size}"),
@@ -445,7 +449,8 @@ def tile(
     Args:
         images: Image rasters (anything rasterio opens).
         labels: One label source per image (same order): class-index raster, RGB-palette
-            raster or GeoJSON; a single GeoJSON may serve every image.
+            raster or vector polygons (GeoJSON; GeoPackage, Shapefile... with the optional
+            ``pyogrio``); a single vector file may serve every image.
         outdir: Output folder (written atomically).
         size: Chip size in pixels.
         stride: Grid step (default: ``size``, no overlap). Ignored with ``count``.
@@ -481,7 +486,7 @@ def tile(
     if (class_field is not None or class_value is not None) and not any(
         s.kind == "vector" for s in sources
     ):
-        raise UsageError("--class-field/--class-value apply to vector (GeoJSON) labels only")
+        raise UsageError("--class-field/--class-value apply to vector labels only")
     pairs = [(info, sources[i if len(sources) > 1 else 0]) for i, info in enumerate(infos)]
     for info, source in pairs:
         if source.kind != "vector":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import shapely
+import shapely.geometry
 import torch
 from click.testing import CliRunner
 from rasterio.crs import CRS
@@ -18,7 +21,7 @@ from rasterio.windows import Window
 from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
 from geoseg_cli.cli import cli
 from geoseg_cli.errors import InputError
-from geoseg_cli.predict import PredictOptions, output_paths, predict_raster
+from geoseg_cli.predict import PredictOptions, output_paths, predict_raster, write_vector
 from geoseg_cli.tta import tta_views
 from geoseg_cli.windows import Grid, coverage, reflect_indices, window_starts
 from tests.conftest import ALBERS_WKT, UTM_CRS, UTM_TRANSFORM, save_tiny_checkpoint
@@ -322,6 +325,21 @@ def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
     assert (min(xs), max(xs)) == (UTM_TRANSFORM.c + 10, UTM_TRANSFORM.c + 37.5)
     assert (max(ys), min(ys)) == (UTM_TRANSFORM.f - 5, UTM_TRANSFORM.f - 25)
 
+    # GeoPackage and FlatGeobuf (pyogrio): the same polygons, attributes and CRS.
+    import pyogrio.raw
+
+    for suffix in (".gpkg", ".fgb"):
+        target = tmp_path / f"rect{suffix}"
+        assert write_vector(out, target, engine.info) == len(features)
+        meta, _, wkb, (ids, names) = pyogrio.raw.read(target)
+        assert CRS.from_user_input(meta["crs"]) == UTM_CRS
+        assert meta["fields"].tolist() == ["class_id", "class"]
+        got = {int(i): (n, shapely.from_wkb(g)) for i, n, g in zip(ids, names, wkb, strict=True)}
+        for f in features:
+            name, geometry = got[f["properties"]["class_id"]]
+            assert name == f["properties"]["class"]
+            assert geometry.equals(shapely.geometry.shape(f["geometry"]))
+
 
 def test_many_inputs_into_folder_and_torchrun_sharding(scene, tiny_checkpoint, tmp_path,
                                                        monkeypatch):  # fmt: skip
@@ -382,7 +400,8 @@ def test_uint16_single_band_model_with_band_selection(make_raster, tmp_path):
     assert read(out)[0].shape == (1, 40, 50) and read(out)[0].max() < 3
 
 
-def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoint, tmp_path):
+def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoint, tmp_path,
+                                                            monkeypatch):  # fmt: skip
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     image = str(scene["image"])
@@ -398,9 +417,14 @@ def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoi
     assert result.exit_code == 2 and "put --tta after the inputs" in result.output
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--window", "40", *out])
     assert result.exit_code == 2 and "multiple of 16" in result.output
+    vector = str(tmp_path / "x.shp")
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
+    assert result.exit_code == 2 and "write .geojson, .gpkg or .fgb" in result.output
+    monkeypatch.setitem(sys.modules, "pyogrio", None)  # not installed: refused before running
     vector = str(tmp_path / "x.gpkg")
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
-    assert result.exit_code == 2 and "only GeoJSON" in result.output
+    assert result.exit_code == 2 and "pip install 'geoseg[vector]'" in result.output
+    assert not (tmp_path / "x.tif").exists()
 
 
 def test_nodata_value_from_option_or_checkpoint(make_raster, tmp_path):

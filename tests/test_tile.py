@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +182,27 @@ def _utm_box(col0: float, row0: float, col1: float, row1: float) -> dict:
     return {"type": "Polygon", "coordinates": [[UTM_TRANSFORM @ c for c in corners]]}
 
 
-def test_vector_labels_reprojected_with_class_names(scene, tmp_path: Path) -> None:
+def write_vectors(path: Path, features: list[tuple[dict, dict]], crs: str, **kwargs) -> Path:
+    """Write (geometry, properties) pairs as GeoJSON, or with pyogrio in the format of the
+    suffix (GeoPackage, Shapefile...; ``kwargs`` go to ``pyogrio.raw.write``)."""
+    if path.suffix == ".geojson":
+        return write_geojson(path, features, crs=crs)
+    import pyogrio.raw
+    import shapely
+
+    fields = sorted({k for _, props in features for k in props})
+    pyogrio.raw.write(
+        path,
+        shapely.to_wkb([shapely.geometry.shape(g) for g, _ in features]),
+        [np.array([props[k] for _, props in features]) for k in fields],
+        fields=fields, geometry_type="Polygon", crs=crs, **kwargs,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".geojson", ".gpkg", ".shp"])
+def test_vector_labels_reprojected_with_class_names(scene, tmp_path: Path, suffix) -> None:
+    """Lon/lat polygons in GeoJSON, GeoPackage or Shapefile give the same chips."""
     triangle = {
         "type": "Polygon",
         "coordinates": [
@@ -194,7 +215,7 @@ def test_vector_labels_reprojected_with_class_names(scene, tmp_path: Path) -> No
         (_utm_box(30, 40, 70, 66), {"kind": "house"}),
     ]
     lonlat = [(transform_geom(UTM_CRS, "EPSG:4326", g), p) for g, p in utm]
-    vectors = write_geojson(tmp_path / "v.geojson", lonlat, crs="urn:ogc:def:crs:OGC:1.3:CRS84")
+    vectors = write_vectors(tmp_path / f"v{suffix}", lonlat, "urn:ogc:def:crs:OGC:1.3:CRS84")
     out = tmp_path / "chips"
     tile([scene["image"]], [vectors], out, size=32, class_field="kind")
 
@@ -213,11 +234,37 @@ def test_vector_without_crs_is_in_image_crs_with_class_value(scene, tmp_path, ca
     out = tmp_path / "chips"
     with caplog.at_level(logging.INFO, logger="geoseg_cli"):
         tile([scene["image"]], [vectors], out, size=32, class_value=3)
-    assert "has no 'crs' member" in caplog.text
+    assert "has no CRS: taking its coordinates to be in the image CRS" in caplog.text
     stats = json.loads((out / "stats.json").read_text())
     assert [c["name"] for c in stats["classes"]] == ["background", "class_1", "class_2", "class_3"]
     mosaic = mosaic_labels(out, (67, 93))
     assert (mosaic[30:40] == 3).all() and (mosaic[40:] == 0).all() and (mosaic[10:30] == 0).all()
+
+
+def test_other_vector_formats_layers_and_errors(scene, tmp_path, caplog, monkeypatch) -> None:
+    """A GeoPackage's first layer is read (and said so); numeric classes; unreadable or
+    missing files and a missing pyogrio give one-line errors that say what to do."""
+    crs = UTM_CRS.to_wkt()
+    path = write_vectors(tmp_path / "v.gpkg", [(_utm_box(0, 30, 93, 40), {"id": 2})], crs)
+    write_vectors(path, [(_utm_box(0, 50, 93, 60), {"id": 1})], crs, layer="second")
+    out = tmp_path / "chips"
+    with caplog.at_level(logging.INFO, logger="geoseg_cli"):
+        tile([scene["image"]], [path], out, size=32, class_field="id")
+    assert "2 layers; reading the first, 'v'" in caplog.text
+    mosaic = mosaic_labels(out, (67, 93))
+    assert (mosaic[30:40] == 2).all() and (mosaic[40:] == 0).all()
+
+    bad = tmp_path / "bad.gpkg"
+    bad.write_bytes(b"not a geopackage")
+    with pytest.raises(InputError, match=r"bad\.gpkg: not a readable vector file"):
+        tile([scene["image"]], [bad], tmp_path / "o1", size=32)
+    with pytest.raises(InputError, match=r"nope\.shp: no such file"):
+        tile([scene["image"]], [tmp_path / "nope.shp"], tmp_path / "o2", size=32)
+    monkeypatch.setitem(sys.modules, "pyogrio", None)  # not installed
+    with pytest.raises(InputError, match=r"v\.gpkg: reading \.gpkg labels needs the optional "
+                       r"vector reader: pip install 'geoseg\[vector\]'"):  # fmt: skip
+        tile([scene["image"]], [path], tmp_path / "o3", size=32)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 def test_wkt_only_crs_image_and_vectors(make_raster, tmp_path: Path) -> None:
@@ -370,7 +417,7 @@ def bad_inputs(scene, make_raster, tmp_path: Path) -> dict[str, Path]:
         (("empty", "labels"), 1, r"empty.tif: every pixel is nodata"),
         (("broken", "labels"), 1, r"broken.tif: not a readable raster"),
         (("image", "rgb"), 2, r"rgb.tif holds RGB colours: pass --classes"),
-        (("image", "labels", "--class-value", "2"), 2, r"apply to vector \(GeoJSON\) labels only"),
+        (("image", "labels", "--class-value", "2"), 2, r"apply to vector labels only"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(bad_inputs, tmp_path, case, code, message):

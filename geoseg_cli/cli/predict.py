@@ -123,7 +123,8 @@ class _OptionalChoice(click.Choice):
 @click.option(
     "--vector",
     default=None,
-    help="Also write class polygons as GeoJSON (a file, or a folder for several inputs).",
+    help="Also write class polygons: a .geojson file, .gpkg/.fgb with pip install "
+    "'geoseg[vector]', or a folder for several inputs (GeoJSON files).",
 )
 @creation_options_opt
 @overwrite_opt

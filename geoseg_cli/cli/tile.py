@@ -48,8 +48,9 @@ class _TileCommand(click.Command):
     metavar="LABELS...",
     help="Label file(s), one per IMAGE in the same order; every value after --labels up to "
     "the next option is a label file. "
-    "Class-index raster, RGB raster (needs --classes) or GeoJSON polygons (one GeoJSON may "
-    "serve all images).",
+    "Class-index raster, RGB raster (needs --classes) or vector polygons: GeoJSON, or "
+    "GeoPackage, Shapefile, FlatGeobuf... with pip install 'geoseg[vector]' (one vector file "
+    "may serve all images).",
 )
 @click.option(
     "-o", "--output", "outdir", required=True, type=click.Path(), help="Output folder (new)."
@@ -84,7 +85,7 @@ class _TileCommand(click.Command):
     "--class-field",
     default=None,
     metavar="NAME",
-    help="GeoJSON attribute with each polygon's class (number or class name).",
+    help="Vector attribute with each polygon's class (number or class name).",
 )
 @click.option(
     "--class-value",
@@ -165,10 +166,12 @@ def tile(
       class-index raster  values 0..N-1 on the image grid (same CRS, size, transform);
                           without --classes, values 0..max become class_0..class_max.
       RGB raster          colours mapped through --classes FILE or --classes isprs.
-      GeoJSON polygons    rasterised on the image grid (reprojected if their 'crs'
-                          differs; no 'crs' member = image CRS). Pixels no polygon covers
-                          are "background": class 0 when classes are inferred, the class
-                          named "background" in a classes file (else ignored).
+      vector polygons     GeoJSON (.geojson/.json), or .gpkg/.shp/.fgb/... with the
+                          optional pyogrio (pip install 'geoseg[vector]'); rasterised on
+                          the image grid (reprojected if their CRS differs; no CRS =
+                          image CRS). Pixels no polygon covers are "background":
+                          class 0 when classes are inferred, the class named
+                          "background" in a classes file (else ignored).
                           Without --classes: numeric classes give background + class_1..,
                           names give background + the sorted names.
     Image nodata pixels become the ignore index in labels.
