@@ -881,9 +881,11 @@ def write_vector(raster: str | os.PathLike, target: str | os.PathLike, info: Mod
 
 
 def _write_geojson(
-    polygons: Iterable[tuple[dict, int]], crs: rasterio.crs.CRS | None, target: str | os.PathLike,
+    polygons: Iterable[tuple[dict, int]],
+    crs: rasterio.crs.CRS | None,
+    target: str | os.PathLike,
     info: ModelInfo,
-) -> int:  # fmt: skip
+) -> int:
     """Stream (GeoJSON geometry, class id) pairs into a FeatureCollection; their number."""
     count = 0
     with open(target, "w", encoding="utf-8") as f:
@@ -905,9 +907,11 @@ def _write_geojson(
 
 
 def _write_ogr(
-    polygons: Iterable[tuple[dict, int]], crs: rasterio.crs.CRS | None, target: str | os.PathLike,
+    polygons: Iterable[tuple[dict, int]],
+    crs: rasterio.crs.CRS | None,
+    target: str | os.PathLike,
     info: ModelInfo,
-) -> int:  # fmt: skip
+) -> int:
     """Write (GeoJSON geometry, class id) pairs with pyogrio (driver from the suffix, one
     layer named after the file); their number."""
     import pyogrio.raw
