@@ -372,6 +372,7 @@ def make_plan(
     options: PredictOptions,
     features: int | None = None,
     head_batch: int = CPU_HEAD_BATCH,
+    tile: int = CPU_TILE,
 ) -> Plan:
     """Check the inputs against the model, pick the engine and fix the window grid.
 
@@ -382,6 +383,7 @@ def make_plan(
         features: Feature channels when the engine can run backbone and head separately
             (needed by the shared engine), else None.
         head_batch: The shared engine's batch size when ``options`` gives none.
+        tile: The shared engine's largest tile side when ``options`` gives none.
 
     Raises:
         UsageError: Bad window, stride, batch size, engine or band selection.
@@ -395,7 +397,7 @@ def make_plan(
         raise UsageError(f"--stride {stride} must be between 1 and the window ({window})")
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size {options.batch_size} must be at least 1")
-    tile = options.tile or CPU_TILE
+    tile = options.tile or tile
     engine, stride = _choose_engine(src.name, options, features, window, stride, tile)
     if options.probabilities not in (None, "uint8", "float32"):
         raise UsageError(f"probabilities type {options.probabilities!r} is not uint8 or float32")
@@ -522,13 +524,16 @@ def predict_raster(
             the final names.
     """
     options = options or PredictOptions()
-    if options.tile is None:
-        options = dataclasses.replace(options, tile=default_tile(engine))
     output = Path(output)
     extra = check_outputs(output, options)
     with open_raster(source) as src:
         plan = make_plan(
-            src, engine.info, options, feature_channels(engine), default_head_batch(engine)
+            src,
+            engine.info,
+            options,
+            feature_channels(engine),
+            default_head_batch(engine),
+            default_tile(engine),
         )
         log.info("%s: %s", source, plan.describe())
         step = predictor or _predictor(engine, plan, src)

@@ -74,7 +74,7 @@ def export() -> None:
     default=True,
     show_default=True,
     help="Also write <output stem>.backbone.onnx and .head.onnx beside the model, which "
-    "geoseg predict's shared engine (the fast default) needs; model.onnx is the same either way.",
+    "geoseg predict --engine shared needs; model.onnx is the same either way.",
 )
 @overwrite_opt
 @json_opt

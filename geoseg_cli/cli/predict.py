@@ -81,9 +81,9 @@ class _OptionalChoice(click.Choice):
     default="window",
     show_default=True,
     help="window: the whole network on every window (the paper's method, exact strides). "
-    "shared: the backbone runs once per pixel and view, only the SCG head per window (2-8x "
-    "faster with overlap; stride rounded to a multiple of 16; classes differ from window's "
-    "where the backbone's context differs, e.g. 3-4 % of pixels for the demo models).",
+    "shared: the backbone runs once per pixel and view, only the SCG head per window (2-7x "
+    "faster with overlap on a CPU; stride rounded to a multiple of 16; classes differ from "
+    "window's where the backbone's context differs, 1-4 % of pixels for the demo models).",
 )
 @device_opt
 @bidx_opt
