@@ -7,7 +7,7 @@ the two maps, and the ratio of each time to the one-pass-per-pixel bound: the ti
 backbone alone needs to run once over the raster's area, from the backbone's FLOPs per
 pixel (``torch.utils.flop_counter`` on one window) and the best FLOP rate measured on 1 or 4
 windows on this machine. It also prints what one window and view costs the whole network
-(batch 1) and the head with its output alone (upsampling and softmax, 16 windows per pass):
+(batch 1) and the head with its output alone (upsampling, softmax, view mean; 15 per pass):
 their ratio caps the shared engine's speed-up, however cheap its backbone pass.
 
 Usage::
@@ -47,7 +47,7 @@ from geoseg_cli.checkpoint import (
     save_checkpoint,
 )
 from geoseg_cli.demo import DEMO_CLASSES, DEMO_CRS, make_scene, scene_transform
-from geoseg_cli.engine import TorchEngine
+from geoseg_cli.engine import TorchEngine, mean_probabilities
 from geoseg_cli.export import export_onnx
 from geoseg_cli.onnx_engine import OnnxEngine
 from geoseg_cli.predict import PredictOptions, predict_raster
@@ -104,13 +104,19 @@ def backbone_rate(engine: TorchEngine, window: int, rounds: int) -> tuple[float,
 
 
 def head_share(engine: TorchEngine, window: int, rounds: int) -> tuple[float, float]:
-    """(seconds per window for the whole network at batch 1, seconds per window for the head
-    and output alone at 16 windows per pass): what the window engine and the shared engine
-    each spend on one window and view besides reading and blending. Their ratio caps the
-    shared engine's speed-up whatever its backbone costs."""
+    """(seconds per window for the whole network at batch 1, seconds per window and view for
+    the head and output alone: 5 windows × 3 views per pass, probabilities per window):
+    what the window engine and the shared engine each spend on one window and view besides
+    reading and blending. Their ratio caps the shared engine's speed-up whatever its
+    backbone costs."""
     rng = np.random.default_rng(0)
     image = rng.random((1, 3, window, window), dtype=np.float32)
-    features = engine.features(rng.random((16, 3, window, window), dtype=np.float32))
+    features = engine.features(rng.random((15, 3, window, window), dtype=np.float32))
+
+    def head(features: np.ndarray) -> None:
+        logits = torch.from_numpy(engine.head_logits(features))
+        for views in logits.split(3):
+            mean_probabilities(views)
 
     def best(fn: object, *args: np.ndarray) -> float:
         fn(*args)  # warm-up
@@ -121,7 +127,7 @@ def head_share(engine: TorchEngine, window: int, rounds: int) -> tuple[float, fl
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return best(engine.predict, image), best(engine.head_probabilities, features) / 16
+    return best(engine.predict, image), best(head, features) / len(features)
 
 
 def main() -> None:

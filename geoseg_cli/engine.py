@@ -6,12 +6,14 @@ softmax happen inside the engine, exactly as inside an exported ONNX graph.
 
 Engines that can also run the two halves of the network separately — the backbone and the
 head's per-position projection on any region (standardization included), and the rest of
-the head on window patches of it — implement :class:`FeatureEngine`; predict's
-shared-backbone mode (:mod:`geoseg_cli.shared`) needs it.
+the head on window patches of it, up to the logits at feature resolution — implement
+:class:`FeatureEngine`; predict's shared-backbone mode (:mod:`geoseg_cli.shared`) needs it
+and turns the logits into probabilities with :func:`mean_probabilities`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 #: Output stride of the backbone: features have one position per 16×16 input pixels.
 FEATURE_STRIDE = 16
+#: Output rows :func:`mean_probabilities` computes at once: with 448-px windows and three
+#: views a chunk of 112 rows (7 feature rows) stays in a CPU core's cache through the
+#: upsampling, softmax and mean (2.3 ms per window on a 2-core CPU, against 5.0 ms
+#: unchunked).
+ROW_CHUNK = 112
 
 
 class Engine(Protocol):
@@ -61,8 +68,10 @@ class FeatureEngine(Engine, Protocol):
         multiples of 16); standardization is applied first."""
         ...
 
-    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities (N×K×16h×16w float32) of the head on features (N×F×h×w float32)."""
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits (N×K×h×w float32) of the rest of the head on window features (N×F×h×w
+        float32), at feature resolution: :func:`mean_probabilities` of them is what
+        :meth:`predict` returns for the window."""
         ...
 
 
@@ -86,20 +95,52 @@ class InferenceModel(nn.Module):
         head's per-position projection (:meth:`models.SCGHead.project`)."""
         return self.model.head.project(self.model.backbone((image - self.mean) / self.std))
 
-    def head_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The second half of :meth:`forward`: the rest of the head on a window's
-        features, bilinear upsampling (align_corners=False) by :data:`FEATURE_STRIDE`,
-        softmax.
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The second half of :meth:`forward` up to the upsampling: the rest of the head
+        on a window's features, logits at feature resolution.
 
-        ``head_probabilities(features(x))`` equals ``forward(x)`` for windows whose sides
-        are multiples of 16.
+        :func:`mean_probabilities` of ``head_logits(features(x))`` equals ``forward(x)``
+        for windows whose sides are multiples of 16.
         """
-        size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
-        # Small logits to NCHW first: upsampling and softmax then write NCHW directly, with
-        # no copy of the large output from channels_last.
-        logits = self.model.head.decode(features).contiguous()
-        logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
-        return torch.softmax(logits, dim=1)
+        return self.model.head.decode(features)
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling_matrix(size: int) -> torch.Tensor:
+    """The (16·size)×size matrix of bilinear upsampling by :data:`FEATURE_STRIDE` along
+    one axis (align_corners=False, edges clamped), as ``F.interpolate`` does it."""
+    eye = torch.eye(size)[None, None]
+    upsampled = F.interpolate(
+        eye, (size * FEATURE_STRIDE, size), mode="bilinear", align_corners=False
+    )
+    return upsampled[0, 0]
+
+
+def mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over views of softmax(bilinear upsampling by 16 of the logits).
+
+    For one view this is how :class:`InferenceModel` ends (``F.interpolate`` with
+    align_corners=False, then softmax over classes); with the views of a window, each
+    mapped back to the original orientation, it is the TTA mean. Upsampling by 16 commutes
+    with the dihedral views, so mapping the small logits back first changes nothing. The
+    upsampling is done as two products with :func:`_upsampling_matrix` (exactly the
+    bilinear weights, multiples of 1/32) and the output in chunks of :data:`ROW_CHUNK`
+    rows: 2.2× faster than ``F.interpolate`` and softmax on whole windows.
+
+    Args:
+        logits: V×K×h×w float32 logits of V views, in the original orientation.
+
+    Returns:
+        K×16h×16w float32 probabilities.
+    """
+    _, classes, height, width = logits.shape
+    rows, cols = _upsampling_matrix(height), _upsampling_matrix(width)
+    wide = torch.matmul(logits, cols.T)  # V×K×h×16w
+    out = torch.empty(classes, rows.shape[0], cols.shape[0])
+    for top in range(0, rows.shape[0], ROW_CHUNK):
+        chunk = torch.matmul(rows[top : top + ROW_CHUNK], wide)  # V×K×rows×16w
+        torch.mean(torch.softmax(chunk, dim=1), dim=0, out=out[:, top : top + ROW_CHUNK])
+    return out
 
 
 class BackboneGraph(nn.Module):
@@ -114,14 +155,14 @@ class BackboneGraph(nn.Module):
 
 
 class HeadGraph(nn.Module):
-    """:meth:`InferenceModel.head_probabilities` as a module (the exported head graph)."""
+    """:meth:`InferenceModel.head_logits` as a module (the exported head graph)."""
 
     def __init__(self, inference: InferenceModel) -> None:
         super().__init__()
         self.inference = inference
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.inference.head_probabilities(features)
+        return self.inference.head_logits(features)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,9 +207,9 @@ class TorchEngine:
         """Features of scaled input (see :class:`FeatureEngine`)."""
         return self._run(self.module.features, batch)
 
-    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Head probabilities on a window's features (see :class:`FeatureEngine`)."""
-        return self._run(self.module.head_probabilities, features)
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
+        """Head logits on window features (see :class:`FeatureEngine`)."""
+        return self._run(self.module.head_logits, features)
 
     @torch.inference_mode()
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray) -> np.ndarray:

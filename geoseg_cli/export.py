@@ -14,7 +14,8 @@ Beside ``model.onnx`` two more graphs are written for predict's shared-backbone 
 (unless ``split=False``): ``model.backbone.onnx`` (``image`` [N, C, H, W], any H and W
 multiples of 16 → ``features`` [N, F, H/16, W/16]: standardization, the backbone and the
 head's per-position projection) and ``model.head.onnx`` (``features`` [N, F, T/16, T/16]
-→ ``probabilities`` [N, K, T, T]: the rest of the head, upsampling, softmax).
+→ ``logits`` [N, K, T/16, T/16]: the rest of the head; predict upsamples, applies softmax
+and averages the TTA views itself, with :func:`~geoseg_cli.engine.mean_probabilities`).
 The ``geoseg`` metadata of ``model.onnx`` names them with their SHA-256, so a stale or
 foreign part is never used; ``model.onnx`` itself stays the plain single graph GeoDeep and
 QGIS Deepness run. Both parts are parity-checked too: the head on the backbone's features
@@ -41,7 +42,13 @@ import numpy as np
 import torch
 
 from geoseg_cli.checkpoint import ModelInfo, build_model, file_hash, load_checkpoint
-from geoseg_cli.engine import FEATURE_STRIDE, BackboneGraph, HeadGraph, InferenceModel
+from geoseg_cli.engine import (
+    FEATURE_STRIDE,
+    BackboneGraph,
+    HeadGraph,
+    InferenceModel,
+    mean_probabilities,
+)
 from geoseg_cli.errors import GeosegError, UsageError
 from geoseg_cli.onnx_engine import (
     GEOSEG_METADATA_KEY,
@@ -331,9 +338,10 @@ def _parity(
 def _split_parity(
     module: InferenceModel, backbone: Path, head: Path, shapes: list[tuple[int, ...]]
 ) -> tuple[float, float]:
-    """ONNX Runtime head(backbone(x)) vs PyTorch's whole network (max abs probability
-    difference), and the backbone alone on a tile wider and taller than the window vs
-    PyTorch's features (max abs difference relative to the largest feature)."""
+    """ONNX Runtime head(backbone(x)), through :func:`mean_probabilities`, vs PyTorch's
+    whole network (max abs probability difference), and the backbone alone on a tile wider
+    and taller than the window vs PyTorch's features (max abs difference relative to the
+    largest feature)."""
     providers = ["CPUExecutionProvider"]
     backbone_session = create_session(backbone, providers)
     head_session = create_session(head, providers)
@@ -342,8 +350,10 @@ def _split_parity(
         with torch.inference_mode():
             expected = module(x).numpy()
         (features,) = backbone_session.run(None, {"image": x.numpy()})
-        (actual,) = head_session.run(None, {"features": features})
-        diff = max(diff, float(np.abs(actual.astype(np.float32) - expected).max()))
+        (logits,) = head_session.run(None, {"features": features})
+        logits = torch.from_numpy(logits.astype(np.float32))
+        actual = np.stack([mean_probabilities(item[None]).numpy() for item in logits])
+        diff = max(diff, float(np.abs(actual - expected).max()))
     channels, window = shapes[0][1], shapes[0][-1]
     (tile,) = _parity_inputs([(1, channels, window + 2 * FEATURE_STRIDE, 2 * window)])
     with torch.inference_mode():
@@ -432,9 +442,7 @@ def export_onnx(
                 features = module.features(example)
             part_protos = (
                 _trace(BackboneGraph(module), example, opset, True, ("image", "features")),
-                _trace(
-                    HeadGraph(module), features, opset, dynamic_size, ("features", "probabilities")
-                ),
+                _trace(HeadGraph(module), features, opset, dynamic_size, ("features", "logits")),
             )
     except Exception as exc:  # the exporter raises many types; name the failing op
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -204,8 +204,8 @@ class OnnxEngine:
         """Features (N×F×H/16×W/16) of scaled input (N×C×H×W, multiples of 16)."""
         return self._run_part("backbone", "image", batch)
 
-    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities (N×K×16h×16w) of the head on a window's features (N×F×h×w).
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits (N×K×h×w) of the rest of the head on window features (N×F×h×w).
 
         Raises:
             UsageError: The model was exported for a fixed window and the features are of

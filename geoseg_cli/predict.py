@@ -42,6 +42,7 @@ import rasterio
 import rasterio.shutil
 import shapely
 import shapely.geometry
+import torch
 from rasterio.features import shapes
 from rasterio.windows import Window
 
@@ -695,10 +696,12 @@ def _stream(
     read_c0 = int(col_idx.min())
     col_idx -= read_c0
     region_c0 = int(region.col_off) - read_c0
-    weights = weights_2d(t)
+    weights = torch.from_numpy(weights_2d(t))
     row_cov = coverage(rows, t, height)
     col_cov = coverage(cols, t, width).astype(np.float32)
     accumulator = np.zeros((k, t, width), dtype=np.float32)
+    # Blended in place through a tensor view: one multithreaded pass per window.
+    blended = torch.from_numpy(accumulator)
     ran = skipped = 0
 
     with contextlib.ExitStack() as stack:
@@ -766,8 +769,8 @@ def _stream(
             windows = step(band, [c - pad_lo for c in kept])
             for c, probs in zip(kept, windows, strict=True):
                 x0, x1 = max(0, c), min(width, c + t)
-                accumulator[:, :, x0:x1] += (
-                    probs[:, :, x0 - c : x1 - c] * weights[:, x0 - c : x1 - c]
+                blended[:, :, x0:x1].addcmul_(
+                    torch.from_numpy(probs)[:, :, x0 - c : x1 - c], weights[:, x0 - c : x1 - c]
                 )
             ran += len(kept)
             skipped += len(cols) - len(kept)

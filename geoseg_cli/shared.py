@@ -17,9 +17,10 @@ overlapping windows (stride S < window T) the window engine recomputes all of th
 2. keeps the features of the rows later windows still need: one strip of tiles across the
    padded width, plus what is left of the previous strip;
 3. for each window crops its T/16 × T/16 feature patch per view, puts it in the view's
-   orientation, runs only the window-dependent rest of the head (many windows per pass),
-   inverts the view on the probabilities and averages the views exactly as the window
-   engine does.
+   orientation, runs only the window-dependent rest of the head (many windows per pass) up
+   to its logits at feature resolution, maps each view's logits back to the original
+   orientation and averages the views' probabilities after upsampling and softmax, as the
+   window engine does (:func:`~geoseg_cli.engine.mean_probabilities`).
 
 Window offsets and the stride must be multiples of 16 so that every window starts on the
 feature grid (predict's plan rounds them). A dihedral view of a tile whose sides are
@@ -36,10 +37,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from geoseg_cli.engine import FEATURE_STRIDE, FeatureEngine
+from geoseg_cli.engine import FEATURE_STRIDE, ROW_CHUNK, FeatureEngine, mean_probabilities
 from geoseg_cli.errors import CheckpointError
-from geoseg_cli.tta import View, merge_views
+from geoseg_cli.tta import View
 from geoseg_cli.windows import Grid
 
 #: Largest tile side (pixels, before the halo) on a CPU. With glibc keeping freed memory
@@ -54,12 +56,11 @@ GPU_TILE = 2048
 #: 64 px a trained resnet50 scg-gcn (T=448) gave the same classes as one seamless tile on
 #: 99.95 % of the pixels (96 px: 99.999 %, 32 px: 99.0 %, none: 94.5 %).
 DEFAULT_HALO = 64
-#: Windows × views per head pass on a CPU when the user gives no batch size. With 448-px
-#: windows on a 2-core CPU, passes of 4 ran the shared engine 1.25× faster end to end than
-#: passes of 16 under glibc's default malloc (their outputs stay under its 32 MiB mmap
-#: threshold and are reused, not page-faulted in anew), and as fast once freed memory is kept
-#: (:mod:`geoseg_cli.allocator`); they also hold less memory.
-CPU_HEAD_BATCH = 4
+#: Windows × views per head pass on a CPU when the user gives no batch size (passes hold
+#: whole windows: at least one window with all its views). With 448-px windows on a 2-core
+#: CPU the head took 2.9, 2.05, 1.8 and 1.9 ms per window and view in passes of 1, 3, 6
+#: and 12.
+CPU_HEAD_BATCH = 6
 #: Windows × views per head pass on a GPU.
 GPU_HEAD_BATCH = 16
 
@@ -122,14 +123,16 @@ def memory_bytes(
     halo: int,
 ) -> int:
     """Working memory of the shared engine besides the model's activations: cached
-    features, one tile's input and features per view, one head pass's inputs and outputs."""
+    features, one tile's input and features per view, one head pass's inputs and logits,
+    one window's probabilities and the chunks they are computed in."""
     t, s = grid.window, FEATURE_STRIDE
     width = (grid.padded_cols[1] - grid.padded_cols[0]) // s
     cache = views * features * (t + tile) // s * width * 4
     side = tile + 2 * halo
     tile_bytes = 2 * channels * side * side * 4 + 2 * features * (side // s) ** 2 * 4
-    head = batch_size * (features * (t // s) ** 2 + 2 * classes * t * t) * 4
-    return cache + tile_bytes + head
+    head = max(batch_size, views) * (features + classes) * (t // s) ** 2 * 4
+    probabilities = (1 + 2 * views * min(ROW_CHUNK, t) / t) * classes * t * t * 4
+    return cache + tile_bytes + head + int(probabilities)
 
 
 @dataclass
@@ -162,7 +165,8 @@ class SharedPredictor:
         grid: The window grid (window, stride and offsets multiples of 16).
         views: TTA views.
         read: Reads scaled input over region pixel spans (reflect padding past the raster).
-        batch_size: Windows × views per head pass.
+        batch_size: Windows × views per head pass (rounded down to whole windows, at least
+            one).
         tile: Largest tile side in pixels (a multiple of 16).
         halo: Context around inner tile sides in pixels (a multiple of 16).
 
@@ -214,13 +218,19 @@ class SharedPredictor:
         offsets = [int(o) for o in offsets]
         if offsets:
             self._advance(top)
-        return merge_views(
-            len(offsets),
-            self.views,
-            self.batch_size,
-            lambda i, v: self.views[v].apply(self._patch(v, top, offsets[i])),
-            self._forward,
-        )
+        return self._windows(top, offsets)
+
+    def _windows(self, top: int, offsets: list[int]) -> Iterator[np.ndarray]:
+        views = self.views
+        per_pass = max(1, self.batch_size // len(views))
+        for start in range(0, len(offsets), per_pass):
+            chunk = offsets[start : start + per_pass]
+            patches = [v.apply(self._patch(i, top, o)) for o in chunk for i, v in enumerate(views)]
+            logits = self._forward(np.stack(patches))
+            for first in range(0, len(logits), len(views)):
+                window = logits[first : first + len(views)]
+                upright = np.stack([v.invert(y) for v, y in zip(views, window, strict=True)])
+                yield mean_probabilities(torch.from_numpy(upright)).numpy()
 
     def _advance(self, top: int) -> None:
         """Drop features above row ``top`` and allocate strips down to ``top + T``."""
@@ -285,11 +295,12 @@ class SharedPredictor:
         strip.done[j] = True
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        probs = self.engine.head_probabilities(np.ascontiguousarray(batch, dtype=np.float32))
-        t, k = self.grid.window, self.engine.info.model.num_classes
-        if probs.shape != (batch.shape[0], k, t, t):
+        logits = self.engine.head_logits(np.ascontiguousarray(batch, dtype=np.float32))
+        expected = (batch.shape[0], self.engine.info.model.num_classes, *batch.shape[2:])
+        if logits.shape != expected:
             raise CheckpointError(
-                f"the model's head returned probabilities of shape {probs.shape} for features "
-                f"{batch.shape} (expected {(batch.shape[0], k, t, t)}); use --engine window"
+                f"the model's head returned logits of shape {logits.shape} for features "
+                f"{batch.shape} (expected {expected}); export the model again or use "
+                "--engine window"
             )
-        return probs
+        return logits

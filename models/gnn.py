@@ -29,6 +29,23 @@ class Graph(NamedTuple):
     self_loops: torch.Tensor
 
 
+#: Below this many features per node :func:`aggregate_nodes` multiplies transposed.
+NARROW_FEATURES = 16
+
+
+def aggregate_nodes(adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A·X for B×n×n A and B×n×d X.
+
+    Narrow X (d < :data:`NARROW_FEATURES`, e.g. GNN2's d = classes) is multiplied as
+    (Xᵀ·Aᵀ)ᵀ, the same sums: with 784 nodes MKL's batched product took 1.0 ms for d = 6 that
+    way round and 0.27 ms transposed (2-core AMD EPYC, batch 4), and from d = 16 on both
+    ways take the same time.
+    """
+    if x.shape[-1] < NARROW_FEATURES:
+        return torch.bmm(x.transpose(1, 2), adjacency.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(adjacency, x)
+
+
 def gcn_propagate(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     """Â·X with Â = D_r^-1/2 (A + I) D_c^-1/2 (row and column degrees of A + I).
 
@@ -46,7 +63,7 @@ def gcn_propagate(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     row = (adjacency.sum(dim=-1) + diagonal + DEGREE_EPS).rsqrt().unsqueeze(-1)
     col = (adjacency.sum(dim=-2) + diagonal + DEGREE_EPS).rsqrt().unsqueeze(-1)
     scaled = col * x
-    return row * (torch.bmm(adjacency, scaled) + diagonal.unsqueeze(-1) * scaled)
+    return row * (aggregate_nodes(adjacency, scaled) + diagonal.unsqueeze(-1) * scaled)
 
 
 def gin_propagate(graph: Graph, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -62,7 +79,7 @@ def gin_propagate(graph: Graph, x: torch.Tensor, omega: torch.Tensor) -> torch.T
     """
     adjacency, self_loops = graph
     diagonal = self_loops + 1.0 + omega
-    return torch.bmm(adjacency, x) + diagonal.unsqueeze(-1) * x
+    return aggregate_nodes(adjacency, x) + diagonal.unsqueeze(-1) * x
 
 
 class GraphLayer(nn.Module):

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
 from geoseg_cli.cli import cli
-from geoseg_cli.engine import TorchEngine
+from geoseg_cli.engine import ROW_CHUNK, TorchEngine, mean_probabilities
 from geoseg_cli.errors import UsageError
 from geoseg_cli.export import export_onnx, split_paths
 from geoseg_cli.onnx_engine import OnnxEngine
@@ -31,9 +31,9 @@ torch.set_num_threads(2)
 
 class LocalBackbone:
     """A FeatureEngine whose backbone sees no context (16×16 block means) and whose head
-    depends on the whole window (softmax of features minus their window mean, repeated to
-    16×16 pixels). Tiles, seams and halos cannot change its features, so the shared and
-    window engines must give the same probabilities; counts the work done."""
+    depends on the whole window (logits: the features minus their window mean). Tiles,
+    seams and halos cannot change its features, so the shared and window engines must give
+    the same probabilities; counts the work done."""
 
     def __init__(self, window: int = 32) -> None:
         self.info = ModelInfo(
@@ -53,17 +53,19 @@ class LocalBackbone:
         self.backbone_pixels += n * h * w
         return batch.reshape(n, c, h // 16, 16, w // 16, 16).mean(axis=(3, 5))
 
-    def head_probabilities(self, features: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _logits(features: np.ndarray) -> np.ndarray:
+        return 8 * (features - features.mean(axis=(2, 3), keepdims=True))
+
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
         self.head_calls += 1
         self.head_windows += len(features)
-        logits = 8 * (features - features.mean(axis=(2, 3), keepdims=True))
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-        return probs.repeat(16, axis=2).repeat(16, axis=3)
+        return self._logits(features)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self.window_images += len(batch)
-        return self.head_probabilities(self.features(batch))
+        logits = torch.from_numpy(self._logits(self.features(batch)))
+        return np.stack([mean_probabilities(item[None]).numpy() for item in logits])
 
 
 def read(path: Path) -> np.ndarray:
@@ -140,8 +142,9 @@ def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp
     assert shared.backbone_pixels <= views * most
     # Tiles under nodata-only windows are never computed, so fewer pixels may run.
     assert shared.backbone_pixels >= views * 0.5 * padded
+    per_pass = max(1, 5 // views)  # whole windows per head pass of at most 5 views
     assert shared.head_calls == sum(
-        -(-views * len(kept) // 5) for kept in _kept_per_band(nodata_scene, grid)
+        -(-len(kept) // per_pass) for kept in _kept_per_band(nodata_scene, grid)
     )
 
 
@@ -200,6 +203,22 @@ def test_halo_wider_than_the_receptive_field_makes_tiles_seamless(nodata_scene, 
         probs[halo if tile == 48 else None] = probabilities(out)
     np.testing.assert_allclose(probs[112], probs[None], atol=1e-4)
     assert np.abs(probs[0] - probs[None]).max() > 0.1
+
+
+def test_mean_probabilities_is_interpolate_softmax_and_view_mean():
+    """Bilinear ×16 upsampling (align_corners=False), softmax and the mean over views, on
+    a non-square window whose height spans a partial row chunk."""
+    logits = 4 * torch.randn(3, 5, 9, 4, generator=torch.Generator().manual_seed(0))
+    assert 9 * 16 % ROW_CHUNK != 0
+    upsampled = torch.nn.functional.interpolate(
+        logits, (144, 64), mode="bilinear", align_corners=False
+    )
+    expected = torch.softmax(upsampled, dim=1).mean(dim=0)
+    actual = mean_probabilities(logits)
+    assert actual.shape == (5, 144, 64)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    # one view: a softmax, so the classes sum to one everywhere
+    torch.testing.assert_close(mean_probabilities(logits[:1]).sum(0), torch.ones(144, 64))
 
 
 # --- the real network: batch size, TTA, nodata, plan -----------------------------------
@@ -278,11 +297,11 @@ def test_onnx_split_graphs_match_pytorch(onnx_export, nodata_scene, tmp_path):
     assert features.shape == (1, channels, 3, 5)
     np.testing.assert_allclose(onnx_engine.features(tile), features, atol=1e-4 * features.max())
     patch = np.ascontiguousarray(np.concatenate([features[..., :2, :2], features[..., 1:, 3:]]))
-    np.testing.assert_allclose(
-        onnx_engine.head_probabilities(patch), torch_engine.head_probabilities(patch), atol=1e-4
-    )
+    logits = torch_engine.head_logits(patch)
+    assert logits.shape == (2, torch_engine.info.model.num_classes, 2, 2)
+    np.testing.assert_allclose(onnx_engine.head_logits(patch), logits, atol=1e-4)
     with pytest.raises(UsageError, match="exported for 32×32 windows"):
-        onnx_engine.head_probabilities(features)
+        onnx_engine.head_logits(features)
 
     maps = {}
     for name, path in (("pt", checkpoint), ("onnx", model)):
@@ -353,10 +372,10 @@ def test_head_projects_once_per_position_and_aggregates_per_window():
 @pytest.mark.parametrize(
     ("engine", "tile", "batch"),
     [
-        (SimpleNamespace(device=torch.device("cpu")), 1024, 4),
+        (SimpleNamespace(device=torch.device("cpu")), 1024, 6),
         (SimpleNamespace(device=torch.device("cuda", 0)), 2048, 16),
         (SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), 2048, 16),
-        (SimpleNamespace(providers=["CPUExecutionProvider"]), 1024, 4),
+        (SimpleNamespace(providers=["CPUExecutionProvider"]), 1024, 6),
     ],
 )
 def test_tile_and_head_batch_defaults_follow_the_device(engine, tile, batch):

@@ -73,7 +73,8 @@ class _OptionalChoice(click.Choice):
     type=click.IntRange(min=1),
     default=None,
     help="Images (windows x TTA views) per forward pass; with the shared engine, per head "
-    "pass. Results do not depend on it. [default: 4; shared engine on a GPU: 16]",
+    "pass (whole windows). Results do not depend on it. [default: 4; shared engine: 6 on a "
+    "CPU, 16 on a GPU]",
 )
 @click.option(
     "--engine",
