@@ -196,7 +196,7 @@ def main() -> None:
     whole, head = head_share(torch_engine, args.window, args.rounds)
     print(
         f"per window and view: whole network {1e3 * whole:.1f} ms (batch 1), head and output "
-        f"{1e3 * head:.1f} ms (16 per pass): the shared engine cannot beat the window engine "
+        f"{1e3 * head:.1f} ms (15 per pass): the shared engine cannot beat the window engine "
         f"by more than {whole / head:.1f}x",
         file=sys.stderr,
     )

@@ -471,7 +471,7 @@ def export_onnx(
         part_tmps = [stack.enter_context(atomic_output(p, overwrite)) for p in parts]
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         if split:
-            split_info = {"feature_channels": int(features.shape[1])}
+            split_info = {"feature_channels": int(features.shape[1]), "head_output": "logits"}
             for name, part, part_tmp, final in zip(
                 ("backbone", "head"), part_protos, part_tmps, parts, strict=True
             ):

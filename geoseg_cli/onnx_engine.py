@@ -170,6 +170,13 @@ class OnnxEngine:
         split = self.metadata.get("split_graphs")
         if not isinstance(split, dict):
             return None, {}
+        if split.get("head_output") != "logits":
+            log.warning(
+                "%s: its head graph comes from an earlier geoseg (it outputs probabilities, "
+                "not logits): the shared engine is off; export the model again to use it",
+                self.path,
+            )
+            return None, {}
         parts = {}
         for name in ("backbone", "head"):
             entry = split.get(name) if isinstance(split.get(name), dict) else {}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from geoseg_cli.engine import FEATURE_STRIDE, ROW_CHUNK, FeatureEngine, mean_probabilities
+from geoseg_cli.engine import CHUNK_CELLS, FEATURE_STRIDE, FeatureEngine, mean_probabilities
 from geoseg_cli.errors import CheckpointError
 from geoseg_cli.tta import View
 from geoseg_cli.windows import Grid
@@ -131,7 +131,7 @@ def memory_bytes(
     side = tile + 2 * halo
     tile_bytes = 2 * channels * side * side * 4 + 2 * features * (side // s) ** 2 * 4
     head = max(batch_size, views) * (features + classes) * (t // s) ** 2 * 4
-    probabilities = (1 + 2 * views * min(ROW_CHUNK, t) / t) * classes * t * t * 4
+    probabilities = (1 + 2 * views * min(CHUNK_CELLS * s, t) / t) * classes * t * t * 4
     return cache + tile_bytes + head + int(probabilities)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import rasterio
 import torch
@@ -16,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
 from geoseg_cli.cli import cli
-from geoseg_cli.engine import ROW_CHUNK, TorchEngine, mean_probabilities
+from geoseg_cli.engine import CHUNK_CELLS, TorchEngine, mean_probabilities
 from geoseg_cli.errors import UsageError
 from geoseg_cli.export import export_onnx, split_paths
 from geoseg_cli.onnx_engine import OnnxEngine
@@ -205,20 +207,20 @@ def test_halo_wider_than_the_receptive_field_makes_tiles_seamless(nodata_scene, 
     assert np.abs(probs[0] - probs[None]).max() > 0.1
 
 
-def test_mean_probabilities_is_interpolate_softmax_and_view_mean():
-    """Bilinear ×16 upsampling (align_corners=False), softmax and the mean over views, on
-    a non-square window whose height spans a partial row chunk."""
-    logits = 4 * torch.randn(3, 5, 9, 4, generator=torch.Generator().manual_seed(0))
-    assert 9 * 16 % ROW_CHUNK != 0
-    upsampled = torch.nn.functional.interpolate(
-        logits, (144, 64), mode="bilinear", align_corners=False
-    )
+@pytest.mark.parametrize(("height", "width"), [(9, 4), (1, 3), (CHUNK_CELLS, 28)])
+def test_mean_probabilities_is_interpolate_softmax_and_view_mean(height, width):
+    """Bilinear ×16 upsampling (align_corners=False, edges clamped), softmax and the mean over
+    views, on non-square windows, one whose height ends in a partial chunk and one a single
+    feature row high."""
+    logits = 4 * torch.randn(3, 5, height, width, generator=torch.Generator().manual_seed(0))
+    size = (16 * height, 16 * width)
+    upsampled = torch.nn.functional.interpolate(logits, size, mode="bilinear", align_corners=False)
     expected = torch.softmax(upsampled, dim=1).mean(dim=0)
     actual = mean_probabilities(logits)
-    assert actual.shape == (5, 144, 64)
+    assert actual.shape == (5, *size)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
     # one view: a softmax, so the classes sum to one everywhere
-    torch.testing.assert_close(mean_probabilities(logits[:1]).sum(0), torch.ones(144, 64))
+    torch.testing.assert_close(mean_probabilities(logits[:1]).sum(0), torch.ones(size))
 
 
 # --- the real network: batch size, TTA, nodata, plan -----------------------------------
@@ -339,6 +341,14 @@ def test_onnx_without_matching_parts_uses_the_window_engine(onnx_export, nodata_
         assert "m.head.onnx does not belong to" in caplog.text
         (tmp_path / head.name).write_bytes(head.read_bytes())  # the parts keep their names
         assert OnnxEngine(copy, "cpu").feature_channels == 128 + 10 * 3  # 3 classes
+        proto = onnx.load(copy)  # as exported before head graphs output logits
+        (entry,) = [p for p in proto.metadata_props if p.key == "geoseg"]
+        metadata = json.loads(entry.value)
+        del metadata["split_graphs"]["head_output"]
+        entry.value = json.dumps(metadata)
+        onnx.save(proto, copy)
+        assert OnnxEngine(copy, "cpu").feature_channels is None
+        assert "copy.onnx: its head graph comes from an earlier geoseg" in caplog.text
     finally:
         logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
 
