@@ -188,8 +188,10 @@ def main() -> None:
     engine = torch_engine
     if args.runtime == "onnx":
         model = ckpt.with_suffix(".onnx")
-        if not model.exists():  # an untrained resnet50 needs a looser float32 tolerance
-            export_onnx(ckpt, model, tolerance=0.05)
+        # a new export when there is none or an older one without usable split graphs; an
+        # untrained resnet50 needs a looser float32 tolerance
+        if not model.exists() or OnnxEngine(model, args.device).feature_channels is None:
+            export_onnx(ckpt, model, tolerance=0.05, overwrite=True)
         engine = OnnxEngine(model, args.device, threads=args.threads)
     pixels = args.size**2
     bound = pixels * per_pixel / rate
