@@ -196,6 +196,16 @@ def test_head_on_a_crop_of_projected_features_equals_head_on_the_crop(name, node
             assert not torch.allclose(border, head.scg.mu(features[:, :, rows, cols]))
 
 
+@pytest.mark.parametrize("width", [models.gnn.NARROW_FEATURES - 1, models.gnn.NARROW_FEATURES])
+def test_aggregate_nodes_is_a_times_x_for_any_adjacency(width: int) -> None:
+    """Narrow node features take the transposed product: with a non-symmetric adjacency
+    (as scgdir's) a wrong transpose would show."""
+    generator = torch.Generator().manual_seed(0)
+    adjacency = torch.rand(2, 7, 7, generator=generator)
+    x = torch.randn(2, 7, width, generator=generator)
+    torch.testing.assert_close(models.gnn.aggregate_nodes(adjacency, x), adjacency @ x)
+
+
 def test_scgdir_adjacency_is_not_symmetric() -> None:
     features = torch.rand(2, 256, 4, 4)
     with torch.no_grad():
