@@ -110,14 +110,14 @@ class InferenceModel(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _upsampling_matrix(size: int) -> torch.Tensor:
+def _upsampling_matrix(size: int, device: torch.device) -> torch.Tensor:
     """The (16·size)×size matrix of bilinear upsampling by :data:`FEATURE_STRIDE` along
     one axis (align_corners=False, edges clamped), as ``F.interpolate`` does it."""
     eye = torch.eye(size)[None, None]
     upsampled = F.interpolate(
         eye, (size * FEATURE_STRIDE, size), mode="bilinear", align_corners=False
     )
-    return upsampled[0, 0]
+    return upsampled[0, 0].to(device)
 
 
 def _upsample_rows(padded: torch.Tensor, first: int, count: int) -> torch.Tensor:
@@ -126,8 +126,9 @@ def _upsample_rows(padded: torch.Tensor, first: int, count: int) -> torch.Tensor
     is the edge clamping), each a weighted sum of two input rows."""
     s, half = FEATURE_STRIDE, FEATURE_STRIDE // 2
     out = padded.new_empty(*padded.shape[:-2], count, s, padded.shape[-1])
+    later = _LATER_ROW_WEIGHT.to(padded.device)
     for offsets, start in ((slice(None, half), first), (slice(half, None), first + 1)):
-        weight = _LATER_ROW_WEIGHT[offsets, None]
+        weight = later[offsets, None]
         part = out[..., offsets, :]
         torch.mul(padded[..., start : start + count, None, :], 1 - weight, out=part)
         part.addcmul_(padded[..., start + 1 : start + 1 + count, None, :], weight)
@@ -147,16 +148,17 @@ def mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
     (multiples of 1/32), so the result is ``F.interpolate``'s up to float rounding.
 
     Args:
-        logits: V×K×h×w float32 logits of V views, in the original orientation.
+        logits: V×K×h×w float32 logits of V views, in the original orientation, on any
+            device.
 
     Returns:
-        K×16h×16w float32 probabilities.
+        K×16h×16w float32 probabilities on the logits' device.
     """
     _, classes, height, width = logits.shape
     s = FEATURE_STRIDE
-    wide = torch.matmul(logits, _upsampling_matrix(width).T)  # V×K×h×16w
+    wide = torch.matmul(logits, _upsampling_matrix(width, logits.device).T)  # V×K×h×16w
     padded = torch.cat([wide[:, :, :1], wide, wide[:, :, -1:]], dim=2)
-    out = torch.empty(classes, height * s, width * s)
+    out = logits.new_empty(classes, height * s, width * s)
     for first in range(0, height, CHUNK_CELLS):
         count = min(CHUNK_CELLS, height - first)
         rows = _upsample_rows(padded, first, count)  # V×K×16·count×16w

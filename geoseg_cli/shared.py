@@ -192,6 +192,9 @@ class SharedPredictor:
                 f"{tile} and halo {halo} must be multiples of {s} (tile at least {s})"
             )
         self.engine = engine
+        # where the probabilities are computed: a PyTorch engine's device, else the CPU
+        device = getattr(engine, "device", None)
+        self._device = device if isinstance(device, torch.device) else torch.device("cpu")
         self.grid = grid
         self.views = tuple(views)
         self.read = read
@@ -230,7 +233,8 @@ class SharedPredictor:
             for first in range(0, len(logits), len(views)):
                 window = logits[first : first + len(views)]
                 upright = np.stack([v.invert(y) for v, y in zip(views, window, strict=True)])
-                yield mean_probabilities(torch.from_numpy(upright)).numpy()
+                logits_on_device = torch.from_numpy(upright).to(self._device)
+                yield mean_probabilities(logits_on_device).cpu().numpy()
 
     def _advance(self, top: int) -> None:
         """Drop features above row ``top`` and allocate strips down to ``top + T``."""
