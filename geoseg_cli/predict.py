@@ -90,8 +90,8 @@ WINDOW_MULTIPLE = FEATURE_STRIDE
 #: Inference methods: ``shared`` (backbone once per pixel) and ``window`` (the paper's).
 ENGINES = ("shared", "window")
 #: The default method. The shared engine stays opt-in until it meets issue 8's bars: trained
-#: models agreed with the window engine on 97.5–99.0 % of the pixels (the bar is 99 %), and
-#: it is 6–7× faster at stride 112 with flips on a CPU (the bar is 8×).
+#: models agreed with the window engine on 98.4–99.6 % of the pixels (the bar is 99 %), and
+#: it is 7.0–7.8× faster at stride 112 with flips on a 2-core CPU (the bar is 8×).
 DEFAULT_ENGINE = "window"
 #: Windows × views per forward pass of the window engine when the user gives no batch size.
 DEFAULT_WINDOW_BATCH = 4
@@ -110,7 +110,7 @@ class PredictOptions:
         stride: Stride S, 1..T (default: T // 2). Overlap is T - S.
         tta: None, ``"flip"`` (identity + horizontal + vertical flip) or ``"d4"``.
         batch_size: Images (windows × TTA views) per forward pass; with the shared engine,
-            per head pass (default: 4 for the window engine; for the shared engine 4 on a
+            per head pass (default: 4 for the window engine; for the shared engine 6 on a
             CPU, 16 on a GPU).
         bands: 1-based source bands in model channel order (default: the model's).
         nodata: Input nodata value overriding the raster's own masks.
