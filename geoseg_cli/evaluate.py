@@ -2,26 +2,34 @@
 
 Memory is O(width × block rows), independent of the raster height. With boundary erosion
 R, each strip is read with R extra rows above and below so that pixels near strip borders
-are eroded exactly as in a whole-raster computation.
+are eroded exactly as in a whole-raster computation. Reference labels hold class ids, or,
+with a class table, raw values or RGB colours that it maps to class ids as ``geoseg tile``
+does (e.g. the ISPRS colour-coded ground truth with the ``isprs`` preset).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
 from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.labels import PRESETS, ClassTable, LabelClass, RasterLabels, load_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import describe_grid, open_raster, same_grid
+
+if TYPE_CHECKING:
+    from geoseg_cli.checkpoint import ClassInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ def evaluate(
     pred_path: str | os.PathLike,
     label_path: str | os.PathLike,
     *,
-    classes: Sequence[str] | None = None,
+    classes: ClassTable | Sequence[str] | None = None,
     num_classes: int | None = None,
     ignore_index: int | None = 255,
     boundary_erosion: int = 0,
@@ -45,13 +53,17 @@ def evaluate(
     Args:
         pred_path: Predicted class map (e.g. the output of ``geoseg predict``). Its nodata
             pixels count as "no prediction" (errors of their reference class).
-        label_path: Reference class ids on the same grid. Its nodata pixels and
-            ``ignore_index`` pixels are not scored.
-        classes: Class names; their number fixes K. Default: ``num_classes``, else the
-            names ``geoseg predict`` stored in the prediction's tags, else K grows to the
-            largest class id present in labels or prediction.
+        label_path: Reference labels on the same grid: class ids in band 1, or, with a
+            class table, raw values or RGB colours (bands 1-3) that it maps to class ids.
+            Its nodata pixels and ``ignore_index`` pixels are not scored.
+        classes: A class table (names, ignore index, and how label values or colours map
+            to class ids, as ``geoseg tile`` maps them; every value or colour in the labels
+            must be in it), or class names whose number fixes K. Default:
+            ``num_classes``, else the names ``geoseg predict`` stored in the prediction's
+            tags, else K grows to the largest class id present in labels or prediction.
         num_classes: Number of classes when no names are given.
-        ignore_index: Label value that is not scored (never a class id), or None.
+        ignore_index: Label value that is not scored (never a class id), or None; a class
+            table's own replaces it.
         boundary_erosion: Radius R in pixels: reference pixels within R px of another
             class are not scored (ISPRS "eroded boundaries"); 0 scores every pixel.
         exclude_from_mean: Class names or indexes left out of mF1 and mIoU (e.g. clutter).
@@ -62,9 +74,13 @@ def evaluate(
 
     Raises:
         InputError: Unreadable files, grids that differ, a non-integer class map, or label
-            values outside the classes.
-        UsageError: Inconsistent class options or a negative erosion radius.
+            values (or colours) outside the classes.
+        UsageError: Inconsistent class options, RGB labels without a class table, or a
+            negative erosion radius.
     """
+    table = classes if isinstance(classes, ClassTable) else None
+    if table is not None:
+        classes, ignore_index = table.names, table.ignore_index
     if boundary_erosion < 0:
         raise UsageError(f"--boundary-erosion must be ≥ 0, got {boundary_erosion}")
     if classes is not None:
@@ -90,27 +106,9 @@ def evaluate(
         if pred_src.count > 1:
             log.warning("%s has %d bands; scoring band 1", pred_src.name, pred_src.count)
         matrix = ConfusionMatrix(num_classes, ignore_index)
-        radius = boundary_erosion
-        height = label_src.height
-        block_rows = block_rows or max(1, BLOCK_PIXELS // label_src.width)
-        starts = range(0, height, block_rows)
-        for row in progress(starts, desc="evaluate", unit="strip"):
-            rows = min(block_rows, height - row)
-            pred = _read_ids(pred_src, row, rows)
-            top = max(row - radius, 0)
-            bottom = min(row + rows + radius, height)
-            labels = _read_ids(label_src, top, bottom - top)
-            mask = None
-            if radius:
-                halo = np.pad(
-                    labels,
-                    ((top - (row - radius), row + rows + radius - bottom), (0, 0)),
-                    constant_values=-1,
-                )
-                mask = ~boundary_mask(halo, radius, ignore_index)[radius : radius + rows]
-            core = labels[row - top : row - top + rows]
+        with _label_reader(label_src, table) as read_labels:
             try:
-                matrix.update(pred, core, mask)
+                _accumulate(matrix, pred_src, read_labels, boundary_erosion, block_rows)
             except ValueError as exc:
                 raise InputError(
                     f"{label_path}: {exc}; give --classes with every class, or set "
@@ -122,6 +120,57 @@ def evaluate(
     if metrics.pixels == 0:
         log.warning("%s: no labelled pixel was scored", label_path)
     return metrics
+
+
+#: Reads rows ``(first row, count)`` of the reference labels as int64 class ids (negative or
+#: the ignore index where a pixel is not scored).
+LabelRows = Callable[[int, int], np.ndarray]
+
+
+@contextlib.contextmanager
+def _label_reader(src: rasterio.DatasetReader, table: ClassTable | None) -> Iterator[LabelRows]:
+    """Yield a reader of label rows: band 1 as class ids, or through ``table`` (raw values
+    or RGB colours mapped to class ids, after checking that the table knows every one)."""
+    if table is None:
+        if src.count >= 3:
+            raise UsageError(
+                f"{src.name} has {src.count} bands (RGB colour labels?): pass --classes with "
+                "the class colours (a classes file, a preset such as isprs, or the checkpoint)"
+            )
+        yield lambda row, rows: _read_ids(src, row, rows)
+        return
+    labels = RasterLabels(src.name)
+    labels.validate(table)
+    with labels.reader(table, src) as read:
+        yield lambda row, rows: read(Window(0, row, src.width, rows)).astype(np.int64)
+
+
+def _accumulate(
+    matrix: ConfusionMatrix,
+    pred_src: rasterio.DatasetReader,
+    read_labels: LabelRows,
+    radius: int,
+    block_rows: int | None,
+) -> None:
+    """Add every strip of rows to ``matrix``, labels read with ``radius`` rows of context
+    above and below for the boundary erosion."""
+    height, width = pred_src.height, pred_src.width
+    block_rows = block_rows or max(1, BLOCK_PIXELS // width)
+    for row in progress(range(0, height, block_rows), desc="evaluate", unit="strip"):
+        rows = min(block_rows, height - row)
+        pred = _read_ids(pred_src, row, rows)
+        top = max(row - radius, 0)
+        bottom = min(row + rows + radius, height)
+        labels = read_labels(top, bottom - top)
+        mask = None
+        if radius:
+            halo = np.pad(
+                labels,
+                ((top - (row - radius), row + rows + radius - bottom), (0, 0)),
+                constant_values=-1,
+            )
+            mask = ~boundary_mask(halo, radius, matrix.ignore_index)[radius : radius + rows]
+        matrix.update(pred, labels[row - top : row - top + rows], mask)
 
 
 def _tagged_classes(src: rasterio.DatasetReader) -> list[str] | None:
@@ -136,30 +185,32 @@ def _tagged_classes(src: rasterio.DatasetReader) -> list[str] | None:
     return names
 
 
-def resolve_classes(spec: str) -> tuple[list[str] | int, int | None]:
+def resolve_classes(spec: str, ignore_index: int | None = None) -> ClassTable | list[str] | int:
     """Interpret a ``--classes`` value.
 
     Args:
         spec: A class count (``6``), comma-separated names (``road,building,tree``), a
             checkpoint (``best.pt``), a ``stats.json`` of ``geoseg tile``, a classes file
             (TOML/JSON) or a preset name (``isprs``).
+        ignore_index: Replaces the ignore index a checkpoint, stats.json or classes file
+            defines.
 
     Returns:
-        (class names or count, the ignore index the source defines or None).
+        A class table for a checkpoint, stats.json, classes file or preset (labels may then
+        hold the raw values or colours it maps; a checkpoint's or stats.json's classes are
+        their positions and their colours), else the names or the count.
 
     Raises:
         InputError: An unreadable or malformed file.
     """
-    from geoseg_cli.labels import PRESETS, load_classes
-
     if spec.isdigit():
-        return int(spec), None
+        return int(spec)
     path = Path(spec)
     if path.suffix.lower() == ".pt":
         from geoseg_cli.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        return [c.name for c in ckpt.classes], ckpt.ignore_index
+        return _positional_table(ckpt.classes, ckpt.ignore_index, ignore_index, spec)
     if path.is_file() and path.suffix.lower() == ".json":
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -169,17 +220,27 @@ def resolve_classes(spec: str) -> tuple[list[str] | int, int | None]:
             from geoseg_cli.data import load_stats
 
             stats = load_stats(path)
-            return [c.name for c in stats.classes], stats.ignore_index
+            return _positional_table(stats.classes, stats.ignore_index, ignore_index, spec)
     if path.is_file() or spec in PRESETS:
-        table = load_classes(spec)
-        return table.names, table.ignore_index
+        return load_classes(spec, ignore_index)
     names = [name.strip() for name in spec.split(",")]
     if len(names) < 2 or not all(names):
         raise UsageError(
             f"--classes {spec}: no such classes file; give a count, comma-separated names, "
             f"a classes file, a checkpoint or a preset ({', '.join(PRESETS)})"
         )
-    return names, None
+    return names
+
+
+def _positional_table(
+    classes: Sequence[ClassInfo], ignore_index: int, override: int | None, source: str
+) -> ClassTable:
+    """The class table of a checkpoint or stats.json: class ``i`` is label value ``i``."""
+    return ClassTable(
+        [LabelClass(c.name, c.color, i) for i, c in enumerate(classes)],
+        ignore_index if override is None else override,
+        source=source,
+    )
 
 
 def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:

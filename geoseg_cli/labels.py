@@ -1,4 +1,4 @@
-"""Label sources for ``geoseg tile``: class-index rasters, RGB-palette rasters, vector polygons.
+"""Label sources: class-index rasters, RGB-palette rasters, vector polygons (tile, evaluate).
 
 A :class:`ClassTable` says which classes exist (names, display colours), which raw label
 values or palette colours map to them, and which index means "ignore". It comes from a

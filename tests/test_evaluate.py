@@ -14,7 +14,7 @@ from test_metrics import HAND_CONFUSION, LABELS, PRED
 
 from geoseg_cli.cli import cli
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.evaluate import evaluate
+from geoseg_cli.evaluate import evaluate, resolve_classes
 from geoseg_cli.metrics import ConfusionMatrix, boundary_mask
 
 
@@ -118,3 +118,79 @@ def test_classes_from_a_classes_file(tmp_path, hand_rasters):
     d = json.loads(result.stdout)
     assert [c["name"] for c in d["classes"]] == ["x", "y", "z"]
     assert d["excluded_from_mean"] == ["z"]
+
+
+def _confusion(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Reference × prediction pixel counts, computed directly."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels.ravel(), pred.ravel()), 1)
+    return matrix.tolist()
+
+
+def test_rgb_labels_are_mapped_through_the_isprs_preset(tmp_path):
+    """ISPRS ground truth is colour-coded: band 1 alone is not the class id."""
+    from geoseg_cli.labels import load_classes
+
+    colors = np.array([c.color for c in load_classes("isprs").classes], dtype=np.uint8)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 6, size=(23, 31))
+    pred = np.where(rng.random(ids.shape) < 0.8, ids, rng.integers(0, 6, ids.shape))
+    write_raster(tmp_path / "gt.tif", colors[ids].transpose(2, 0, 1))
+    write_raster(tmp_path / "pred.tif", pred.astype(np.uint8))
+    args = ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.tif")]
+    result = CliRunner().invoke(cli, [*args, "--classes", "isprs", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["confusion_matrix"] == _confusion(ids, pred, 6)
+    assert d["oa"] == pytest.approx(float(np.mean(ids == pred)))
+    assert d["classes"][1]["name"] == "building"
+
+    result = CliRunner().invoke(cli, args)  # without the colours
+    assert result.exit_code == 2
+    assert "gt.tif has 3 bands" in result.output and "--classes" in result.output
+
+    rgb = colors[ids].transpose(2, 0, 1).copy()
+    rgb[:, 0, 0] = (10, 20, 30)  # a colour the preset does not know
+    write_raster(tmp_path / "odd.tif", rgb)
+    odd = ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "odd.tif"), "--classes", "isprs"]
+    result = CliRunner().invoke(cli, odd)
+    assert result.exit_code == 1
+    assert "(10,20,30)" in result.output and "Traceback" not in result.output
+
+
+def test_raw_label_values_are_mapped_through_a_classes_file(tmp_path):
+    """A 0/255 road mask scored with the classes file that tiled it (road: value 255)."""
+    mask = np.zeros((19, 27), dtype=np.uint8)
+    mask[5:9, :] = 255
+    mask[:, 20:22] = 255
+    pred = (mask == 255).astype(np.uint8)
+    pred[5, :10] = 0  # ten road pixels missed
+    write_raster(tmp_path / "mask.tif", mask)
+    write_raster(tmp_path / "pred.tif", pred)
+    classes = tmp_path / "roads.toml"
+    classes.write_text(
+        'ignore_index = 255\n[[classes]]\nname = "background"\n'
+        '[[classes]]\nname = "road"\nvalue = 255\n'
+    )
+    table = resolve_classes(str(classes))
+    m = evaluate(tmp_path / "pred.tif", tmp_path / "mask.tif", classes=table)
+    roads = int((mask == 255).sum())
+    assert m.classes == ["background", "road"]
+    assert m.confusion.tolist() == [[mask.size - roads, 0], [10, roads - 10]]
+
+
+def test_checkpoint_classes_map_colours_and_values(tmp_path, tiny_checkpoint):
+    """--classes best.pt: class i is label value i, or the checkpoint's colour of class i."""
+    from geoseg_cli.checkpoint import load_checkpoint
+
+    table = resolve_classes(str(tiny_checkpoint), ignore_index=200)
+    assert table.names == ["class_0", "class_1", "class_2"] and table.ignore_index == 200
+    colors = np.array([c.color for c in load_checkpoint(tiny_checkpoint).classes], np.uint8)
+    ids = np.random.default_rng(5).integers(0, 3, size=(9, 14))
+    pred = np.roll(ids, 1, axis=1)
+    write_raster(tmp_path / "pred.tif", pred.astype(np.uint8))
+    write_raster(tmp_path / "rgb.tif", colors[ids].transpose(2, 0, 1))
+    write_raster(tmp_path / "ids.tif", ids.astype(np.uint8))
+    for labels in ("rgb.tif", "ids.tif"):
+        m = evaluate(tmp_path / "pred.tif", tmp_path / labels, classes=table)
+        assert m.confusion.tolist() == _confusion(ids, pred, 3)

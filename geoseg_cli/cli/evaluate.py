@@ -18,9 +18,11 @@ from geoseg_cli.evaluate import resolve_classes
     "--classes",
     default=None,
     metavar="SPEC",
-    help="Class names: a count (6), comma-separated names, a checkpoint (best.pt), "
-    "stats.json, a classes file (TOML/JSON) or a preset (isprs). Default: the names "
-    "geoseg predict stored in PRED, else class ids found in the data.",
+    help="Classes: a count (6), comma-separated names, a checkpoint (best.pt), "
+    "stats.json, a classes file (TOML/JSON) or a preset (isprs). The last four also map "
+    "LABELS as geoseg tile does: raw values ('value' in a classes file) or RGB colours to "
+    "classes. Default: the names geoseg predict stored in PRED, else class ids found in "
+    "the data.",
 )
 @click.option(
     "--ignore-index",
@@ -56,7 +58,9 @@ def evaluate(
 
     Prints OA, per-class precision, recall, F1 and IoU, mF1 and mIoU; --json adds the
     confusion matrix (rows: reference, columns: prediction). PRED nodata pixels count as
-    errors; LABELS nodata and ignore-index pixels are not scored.
+    errors; LABELS nodata and ignore-index pixels are not scored. LABELS holds class ids,
+    or raw values or RGB colours that --classes maps (e.g. ISPRS colour-coded ground truth
+    with --classes isprs).
 
     \b
     Examples:
@@ -64,17 +68,13 @@ def evaluate(
       geoseg evaluate pred.tif gt.tif --classes isprs --boundary-erosion 3 \\
           --exclude-from-mean clutter --json
     """
-    names, count, source_ignore = None, None, None
-    if classes is not None:
-        spec, source_ignore = resolve_classes(classes)
-        names, count = (None, spec) if isinstance(spec, int) else (spec, None)
-    ignore = ignore_index if ignore_index is not None else source_ignore
+    spec = resolve_classes(classes, ignore_index) if classes is not None else None
     metrics = run_evaluation(
         pred,
         labels,
-        classes=names,
-        num_classes=count,
-        ignore_index=255 if ignore is None else ignore,
+        classes=None if isinstance(spec, int) else spec,
+        num_classes=spec if isinstance(spec, int) else None,
+        ignore_index=255 if ignore_index is None else ignore_index,
         boundary_erosion=boundary_erosion,
         exclude_from_mean=exclude_from_mean,
     )
