@@ -7,7 +7,8 @@ The batch is dynamic; the window is fixed unless ``dynamic_size`` is asked for, 
 Deepness and GeoDeep read the tile size from the input shape.
 
 After export the file is checked with ``onnx.checker`` and run with ONNX Runtime on random
-input at a batch size other than the traced one; fp32 must match PyTorch within
+input (band values around the training data's means) at a batch size other than the traced
+one; fp32 must match PyTorch within
 :data:`FP32_TOLERANCE` (or the given tolerance) or nothing is written.
 
 Beside ``model.onnx`` two more graphs are written for predict's shared-backbone engine
@@ -312,20 +313,25 @@ def _for_old_runtimes(proto: Any) -> Any:
     return proto
 
 
-def _parity_inputs(shapes: list[tuple[int, ...]]) -> Iterator[torch.Tensor]:
-    """The seeded random inputs of the parity check (the same on every call)."""
+def _parity_inputs(module: InferenceModel, shapes: list[tuple[int, ...]]) -> Iterator[torch.Tensor]:
+    """The seeded random inputs of the parity check (the same on every call): band values
+    drawn around the training data's band means with its standard deviations, clipped to
+    [0, 1], as the model sees them in use. (Uniform [0, 1) values are tens of standard
+    deviations off for imagery such as 11-bit pan scaled by 1/10000, where activations,
+    and float32 rounding with them, grow far beyond anything real input produces.)"""
     generator = torch.Generator().manual_seed(0)
     for shape in shapes:
-        yield torch.rand(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        yield (module.mean + module.std * noise).clamp(0, 1)
 
 
 def _parity(
-    module: torch.nn.Module, path: Path, shapes: list[tuple[int, ...]]
+    module: InferenceModel, path: Path, shapes: list[tuple[int, ...]]
 ) -> tuple[float, float]:
     """Max abs probability difference and argmax agreement, ONNX Runtime vs PyTorch."""
     session = create_session(path, ["CPUExecutionProvider"])
     diff, agree, total = 0.0, 0, 0
-    for x in _parity_inputs(shapes):
+    for x in _parity_inputs(module, shapes):
         with torch.inference_mode():
             expected = module(x).numpy()
         (actual,) = session.run(None, {"image": x.numpy()})
@@ -346,7 +352,7 @@ def _split_parity(
     backbone_session = create_session(backbone, providers)
     head_session = create_session(head, providers)
     diff = 0.0
-    for x in _parity_inputs(shapes):
+    for x in _parity_inputs(module, shapes):
         with torch.inference_mode():
             expected = module(x).numpy()
         (features,) = backbone_session.run(None, {"image": x.numpy()})
@@ -355,7 +361,7 @@ def _split_parity(
         actual = np.stack([mean_probabilities(item[None]).numpy() for item in logits])
         diff = max(diff, float(np.abs(actual - expected).max()))
     channels, window = shapes[0][1], shapes[0][-1]
-    (tile,) = _parity_inputs([(1, channels, window + 2 * FEATURE_STRIDE, 2 * window)])
+    (tile,) = _parity_inputs(module, [(1, channels, window + 2 * FEATURE_STRIDE, 2 * window)])
     with torch.inference_mode():
         expected = module.features(tile).numpy()
     (actual,) = backbone_session.run(None, {"image": tile.numpy()})
@@ -363,13 +369,13 @@ def _split_parity(
     return diff, relative
 
 
-def _float32_error(module: torch.nn.Module, shapes: list[tuple[int, ...]]) -> float:
+def _float32_error(module: InferenceModel, shapes: list[tuple[int, ...]]) -> float:
     """Max abs difference between PyTorch in float32 and in float64 on the parity inputs:
     the rounding noise any float32 runtime has on this model."""
     reference = copy.deepcopy(module).double()
     error = 0.0
     with torch.inference_mode():
-        for x in _parity_inputs(shapes):
+        for x in _parity_inputs(module, shapes):
             exact = reference(x.double())
             error = max(error, float((module(x).double() - exact).abs().max()))
     return error
