@@ -23,7 +23,16 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import PRESETS, ClassTable, LabelClass, RasterLabels, load_classes
+from geoseg_cli.labels import (
+    PRESETS,
+    ClassTable,
+    LabelClass,
+    RasterLabels,
+    VectorLabels,
+    is_vector_path,
+    load_classes,
+)
+from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import describe_grid, open_raster, same_grid
@@ -47,20 +56,26 @@ def evaluate(
     boundary_erosion: int = 0,
     exclude_from_mean: Sequence[str | int] = (),
     block_rows: int | None = None,
+    class_field: str | None = None,
+    class_value: int | None = None,
 ) -> Metrics:
-    """Confusion matrix and scores of a class map against reference labels (band 1 each).
+    """Confusion matrix and scores of a class map (band 1) against reference labels.
 
     Args:
         pred_path: Predicted class map (e.g. the output of ``geoseg predict``). Its nodata
             pixels count as "no prediction" (errors of their reference class).
-        label_path: Reference labels on the same grid: class ids in band 1, or, with a
-            class table, raw values or RGB colours (bands 1-3) that it maps to class ids.
-            Its nodata pixels and ``ignore_index`` pixels are not scored.
+        label_path: Reference labels: a raster on the same grid holding class ids in band
+            1, or, with a class table, raw values or RGB colours (bands 1-3) that it maps
+            to class ids (its nodata and ``ignore_index`` pixels are not scored); or vector
+            polygons, rasterised on the prediction's grid as ``geoseg tile`` rasterises
+            them (pixels no polygon covers are class "background", else not scored).
         classes: A class table (names, ignore index, and how label values or colours map
             to class ids, as ``geoseg tile`` maps them; every value or colour in the labels
             must be in it), or class names whose number fixes K. Default:
             ``num_classes``, else the names ``geoseg predict`` stored in the prediction's
             tags, else K grows to the largest class id present in labels or prediction.
+            For polygons without a table the classes are inferred as ``geoseg tile``
+            infers them.
         num_classes: Number of classes when no names are given.
         ignore_index: Label value that is not scored (never a class id), or None; a class
             table's own replaces it.
@@ -68,17 +83,26 @@ def evaluate(
             class are not scored (ISPRS "eroded boundaries"); 0 scores every pixel.
         exclude_from_mean: Class names or indexes left out of mF1 and mIoU (e.g. clutter).
         block_rows: Rows per strip read at a time (default: about a million pixels).
+        class_field: Polygon attribute holding the class (number or class name).
+        class_value: Class value of every polygon (default 1 without ``class_field``).
 
     Returns:
         The scores (:meth:`Metrics.to_dict` for JSON).
 
     Raises:
         InputError: Unreadable files, grids that differ, a non-integer class map, or label
-            values (or colours) outside the classes.
+            values, colours or polygon classes outside the classes.
         UsageError: Inconsistent class options, RGB labels without a class table, or a
             negative erosion radius.
     """
+    polygons = None
+    if is_vector_path(label_path):
+        polygons = VectorLabels(str(label_path), class_field, class_value)
+    elif class_field is not None or class_value is not None:
+        raise UsageError("--class-field/--class-value apply to vector labels only")
     table = classes if isinstance(classes, ClassTable) else None
+    if polygons is not None and table is None:
+        table = infer_label_classes([polygons], None, ignore_index)
     if table is not None:
         classes, ignore_index = table.names, table.ignore_index
     if boundary_erosion < 0:
@@ -92,21 +116,15 @@ def evaluate(
             f"ignore index {ignore_index} is a class id (0..{num_classes - 1}); "
             "choose a value outside the classes, e.g. 255"
         )
-    with open_raster(pred_path) as pred_src, open_raster(label_path) as label_src:
-        _check_grids(pred_src, label_src)
-        for src in (pred_src, label_src):
-            if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-                raise InputError(
-                    f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
-                    "give integer class ids (e.g. the uint8 output of geoseg predict)"
-                )
+    with open_raster(pred_path) as pred_src:
+        _check_class_map(pred_src)
         if classes is None and num_classes is None:
             classes = _tagged_classes(pred_src)
             num_classes = None if classes is None else len(classes)
         if pred_src.count > 1:
             log.warning("%s has %d bands; scoring band 1", pred_src.name, pred_src.count)
         matrix = ConfusionMatrix(num_classes, ignore_index)
-        with _label_reader(label_src, table) as read_labels:
+        with _label_reader(label_path, pred_src, table, polygons) as read_labels:
             try:
                 _accumulate(matrix, pred_src, read_labels, boundary_erosion, block_rows)
             except ValueError as exc:
@@ -128,21 +146,33 @@ LabelRows = Callable[[int, int], np.ndarray]
 
 
 @contextlib.contextmanager
-def _label_reader(src: rasterio.DatasetReader, table: ClassTable | None) -> Iterator[LabelRows]:
-    """Yield a reader of label rows: band 1 as class ids, or through ``table`` (raw values
-    or RGB colours mapped to class ids, after checking that the table knows every one)."""
-    if table is None:
-        if src.count >= 3:
-            raise UsageError(
-                f"{src.name} has {src.count} bands (RGB colour labels?): pass --classes with "
-                "the class colours (a classes file, a preset such as isprs, or the checkpoint)"
-            )
-        yield lambda row, rows: _read_ids(src, row, rows)
-        return
-    labels = RasterLabels(src.name)
-    labels.validate(table)
-    with labels.reader(table, src) as read:
-        yield lambda row, rows: read(Window(0, row, src.width, rows)).astype(np.int64)
+def _label_reader(
+    path: str | os.PathLike,
+    pred: rasterio.DatasetReader,
+    table: ClassTable | None,
+    polygons: VectorLabels | None,
+) -> Iterator[LabelRows]:
+    """Yield a reader of reference label rows on the grid of ``pred``: band 1 of a label
+    raster as class ids, or, through ``table``, label raster values or colours or polygons
+    mapped to class ids (after checking that the table knows every one of them)."""
+    with contextlib.ExitStack() as stack:
+        if polygons is None:
+            src = stack.enter_context(open_raster(path))
+            _check_grids(pred, src)
+            _check_class_map(src)
+            if table is None:
+                if src.count >= 3:
+                    raise UsageError(
+                        f"{src.name} has {src.count} bands (RGB colour labels?): pass --classes "
+                        "with the class colours (a classes file, a preset such as isprs, or "
+                        "the checkpoint)"
+                    )
+                yield lambda row, rows: _read_ids(src, row, rows)
+                return
+        source = polygons or RasterLabels(str(path))
+        source.validate(table)
+        read = stack.enter_context(source.reader(table, pred))
+        yield lambda row, rows: read(Window(0, row, pred.width, rows)).astype(np.int64)
 
 
 def _accumulate(
@@ -250,6 +280,14 @@ def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
     if src.nodata is not None and not math.isnan(src.nodata):
         values[raw == src.nodata] = -1
     return values
+
+
+def _check_class_map(src: rasterio.DatasetReader) -> None:
+    if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+        raise InputError(
+            f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
+            "give integer class ids (e.g. the uint8 output of geoseg predict)"
+        )
 
 
 def _check_grids(pred: rasterio.DatasetReader, labels: rasterio.DatasetReader) -> None:

@@ -552,7 +552,7 @@ def _warn_about_clients(info: ModelInfo, dynamic_size: bool) -> None:
     """Say when GeoDeep/Deepness will not feed the model what it was trained on."""
     if info.model.in_channels != 3:
         log.warning(
-            "this model takes %d bands; GeoDeep and QGIS Deepness feed 3-band RGB tiles",
+            "this model takes %d band(s); GeoDeep and QGIS Deepness feed 3-band RGB tiles",
             info.model.in_channels,
         )
     if info.input.dtype != "uint8" or abs(info.input.scale * 255 - 1) > 1e-6:

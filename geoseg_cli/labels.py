@@ -520,6 +520,10 @@ class VectorLabels:
         self, path: str, class_field: str | None = None, class_value: int | None = None
     ) -> None:
         self.path = path
+        if class_field is not None and class_value is not None:
+            raise UsageError("--class-field and --class-value exclude each other")
+        if class_value is not None and class_value < 0:
+            raise UsageError(f"--class-value must be ≥ 0, not {class_value}")
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file; check the path")
         if Path(path).suffix.lower() in _OTHER_VECTOR_SUFFIXES:

@@ -161,8 +161,6 @@ def _check_options(
     max_nodata: float,
     val_fraction: float,
     split: str | None,
-    class_field: str | None,
-    class_value: int | None,
 ) -> None:
     if not images:
         raise UsageError("give at least one image")
@@ -178,11 +176,6 @@ def _check_options(
         (0 <= max_nodata <= 1, f"--max-nodata must be in [0, 1], not {max_nodata}"),
         (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), not {val_fraction}"),
         (split is None or split in SPLITS, f"--split must be one of {SPLITS}, not {split!r}"),
-        (
-            class_field is None or class_value is None,
-            "--class-field and --class-value exclude each other",
-        ),
-        (class_value is None or class_value >= 0, "--class-value must be ≥ 0"),
         (
             split != "source" or len(images) > 1 or val_fraction == 0,
             "--split source needs several images; use --split random",
@@ -476,10 +469,7 @@ def tile(
     """
     images, labels = [str(p) for p in images], [str(p) for p in labels]
     stride = size if stride is None else stride
-    _check_options(
-        images, labels, size, stride, count, max_nodata, val_fraction, split, class_field,
-        class_value,
-    )  # fmt: skip
+    _check_options(images, labels, size, stride, count, max_nodata, val_fraction, split)
     check_output(outdir, overwrite)
     infos = _inspect_images(images, bidx, size)
     sources = [open_labels(p, class_field, class_value) for p in labels]

@@ -194,3 +194,37 @@ def test_checkpoint_classes_map_colours_and_values(tmp_path, tiny_checkpoint):
     for labels in ("rgb.tif", "ids.tif"):
         m = evaluate(tmp_path / "pred.tif", tmp_path / labels, classes=table)
         assert m.confusion.tolist() == _confusion(ids, pred, 3)
+
+
+def test_polygon_labels_are_rasterised_on_the_prediction_grid(tmp_path):
+    """Lon/lat polygons with a class-name attribute, scored against a UTM class map: the
+    same confusion matrix as the polygons burnt on the map's grid by hand."""
+    from conftest import UTM_CRS, UTM_TRANSFORM, write_geojson
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    def box(col0, row0, col1, row1):
+        corners = [(col0, row0), (col1, row0), (col1, row1), (col0, row1), (col0, row0)]
+        return {"type": "Polygon", "coordinates": [[UTM_TRANSFORM * c for c in corners]]}
+
+    utm = [(box(3, 4, 20, 15), "house"), (box(12, 10, 30, 21), "pool")]
+    lonlat = [(transform_geom(UTM_CRS, "EPSG:4326", g), {"kind": k}) for g, k in utm]
+    vectors = write_geojson(tmp_path / "ref.geojson", lonlat, "urn:ogc:def:crs:OGC:1.3:CRS84")
+    ids = {"background": 0, "house": 1, "pool": 2}
+    reference = rasterize(
+        [(g, ids[k]) for g, k in utm], out_shape=(25, 33), transform=UTM_TRANSFORM
+    )
+    pred = np.roll(reference, 2, axis=1)
+    write_raster(tmp_path / "pred.tif", pred.astype(np.uint8))
+
+    m = evaluate(tmp_path / "pred.tif", vectors, class_field="kind")
+    assert m.classes == ["background", "house", "pool"]
+    assert m.confusion.tolist() == _confusion(reference, pred, 3)
+    write_raster(tmp_path / "binary.tif", (pred > 0).astype(np.uint8))
+    args = ["evaluate", str(tmp_path / "binary.tif"), str(vectors), "--class-value", "1", "--json"]
+    result = CliRunner().invoke(cli, args)  # every polygon one class
+    assert result.exit_code == 0, result.output
+    binary = _confusion((reference > 0).astype(np.int64), (pred > 0).astype(np.int64), 2)
+    assert json.loads(result.stdout)["confusion_matrix"] == binary
+    bad = CliRunner().invoke(cli, [*args[:3], "--class-field", "colour"])
+    assert bad.exit_code == 1 and "no feature has attribute 'colour'" in bad.output

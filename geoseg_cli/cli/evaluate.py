@@ -6,7 +6,7 @@ import json
 
 import click
 
-from geoseg_cli.cli.options import json_opt
+from geoseg_cli.cli.options import class_field_opt, class_value_opt, json_opt
 from geoseg_cli.evaluate import evaluate as run_evaluation
 from geoseg_cli.evaluate import resolve_classes
 
@@ -44,6 +44,8 @@ from geoseg_cli.evaluate import resolve_classes
     metavar="NAME",
     help="Class (name or id) left out of mF1 and mIoU, repeatable (ISPRS: clutter).",
 )
+@class_field_opt
+@class_value_opt
 @json_opt
 def evaluate(
     pred: str,
@@ -52,21 +54,25 @@ def evaluate(
     ignore_index: int | None,
     boundary_erosion: int,
     exclude_from_mean: tuple[str, ...],
+    class_field: str | None,
+    class_value: int | None,
     as_json: bool,
 ) -> None:
-    """Score the class map PRED against the reference LABELS (same grid).
+    """Score the class map PRED against the reference LABELS.
 
     Prints OA, per-class precision, recall, F1 and IoU, mF1 and mIoU; --json adds the
     confusion matrix (rows: reference, columns: prediction). PRED nodata pixels count as
-    errors; LABELS nodata and ignore-index pixels are not scored. LABELS holds class ids,
-    or raw values or RGB colours that --classes maps (e.g. ISPRS colour-coded ground truth
-    with --classes isprs).
+    errors; LABELS nodata and ignore-index pixels are not scored. LABELS is a raster on
+    PRED's grid holding class ids, or raw values or RGB colours that --classes maps (e.g.
+    ISPRS colour-coded ground truth with --classes isprs), or vector polygons, rasterised
+    on PRED's grid as geoseg tile does (--class-field/--class-value).
 
     \b
     Examples:
       geoseg evaluate scene_pred.tif scene_labels.tif
       geoseg evaluate pred.tif gt.tif --classes isprs --boundary-erosion 3 \\
           --exclude-from-mean clutter --json
+      geoseg evaluate pred.tif buildings.geojson --classes run/best.pt
     """
     spec = resolve_classes(classes, ignore_index) if classes is not None else None
     metrics = run_evaluation(
@@ -77,6 +83,8 @@ def evaluate(
         ignore_index=255 if ignore_index is None else ignore_index,
         boundary_erosion=boundary_erosion,
         exclude_from_mean=exclude_from_mean,
+        class_field=class_field,
+        class_value=class_value,
     )
     if as_json:
         click.echo(json.dumps(metrics.to_dict(), indent=2))

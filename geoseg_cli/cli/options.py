@@ -17,6 +17,19 @@ bidx_opt = click.option(
     multiple=True,
     help="1-based band index to read (repeatable; default: all bands / the model's bands).",
 )
+class_field_opt = click.option(
+    "--class-field",
+    default=None,
+    metavar="NAME",
+    help="Vector attribute with each polygon's class (number or class name).",
+)
+class_value_opt = click.option(
+    "--class-value",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Burn every polygon as class value N [default: 1 without --class-field].",
+)
 device_opt = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),

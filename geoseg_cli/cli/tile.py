@@ -6,7 +6,13 @@ import json
 
 import click
 
-from geoseg_cli.cli.options import bidx_opt, json_opt, overwrite_opt
+from geoseg_cli.cli.options import (
+    bidx_opt,
+    class_field_opt,
+    class_value_opt,
+    json_opt,
+    overwrite_opt,
+)
 
 
 def expand_variadic_option(args: list[str], name: str) -> list[str]:
@@ -81,19 +87,8 @@ class _TileCommand(click.Command):
     help="Classes file (TOML or JSON: names, colors, value, ignore_index, ignore_colors) or "
     "preset 'isprs'. Default: inferred from the labels.",
 )
-@click.option(
-    "--class-field",
-    default=None,
-    metavar="NAME",
-    help="Vector attribute with each polygon's class (number or class name).",
-)
-@click.option(
-    "--class-value",
-    type=click.IntRange(min=0),
-    default=None,
-    metavar="N",
-    help="Burn every polygon as class value N [default: 1 without --class-field].",
-)
+@class_field_opt
+@class_value_opt
 @bidx_opt
 @click.option(
     "--max-nodata",
