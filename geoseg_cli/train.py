@@ -318,6 +318,12 @@ class _Trainer:
                 f"{config.chips_dir}/manifest.csv: {len(train_records)} train and "
                 f"{len(val_records)} val chips; training needs both (re-tile with a val split)"
             )
+        if len(self.stats.classes) < 2:
+            raise InputError(
+                f"{config.chips_dir}/stats.json: one class ({self.stats.classes[0].name}); "
+                "segmentation needs at least two. Re-tile with a classes file that maps every "
+                "label value (e.g. value = 255 for a 0/255 mask), or another --ignore-index"
+            )
         if config.window > max(max(r.width, r.height) for r in train_records) and ctx.is_main:
             log.warning("window %d is larger than the chips: they are padded", config.window)
         self.class_names = [c.name for c in self.stats.classes]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,15 @@ def test_refusals(chips, tmp_path):
     assert result.exit_code == 2 and "CHIPS_DIR" in result.output
     result = CliRunner().invoke(cli, [*args[:4], "--window", "40", "--overwrite"])
     assert result.exit_code == 2 and "multiple of 16" in result.output
+
+    single = tmp_path / "single"  # a 0/255 mask tiled without a classes file: one class
+    shutil.copytree(chips, single)
+    stats = json.loads((single / "stats.json").read_text())
+    stats["classes"], stats["class_weights"] = stats["classes"][:1], [1.0]
+    (single / "stats.json").write_text(json.dumps(stats))
+    result = CliRunner().invoke(cli, ["train", str(single), "-o", str(tmp_path / "r1")])
+    assert result.exit_code == 1 and "one class (class_0)" in result.output
+    assert "value = 255" in result.output and not (tmp_path / "r1").exists()
 
 
 def test_config_round_trip_and_resume_rules(chips, tmp_path):
