@@ -2,9 +2,10 @@
 
 Memory is O(width × block rows), independent of the raster height. With boundary erosion
 R, each strip is read with R extra rows above and below so that pixels near strip borders
-are eroded exactly as in a whole-raster computation. Reference labels hold class ids, or,
-with a class table, raw values or RGB colours that it maps to class ids as ``geoseg tile``
-does (e.g. the ISPRS colour-coded ground truth with the ``isprs`` preset).
+are eroded exactly as in a whole-raster computation. Reference labels are read as ``geoseg
+tile`` reads them: a raster of class ids, or, with a class table, of raw values or RGB
+colours that it maps to class ids (e.g. the ISPRS colour-coded ground truth with the
+``isprs`` preset), or vector polygons rasterised strip by strip on the prediction's grid.
 """
 
 from __future__ import annotations

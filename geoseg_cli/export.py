@@ -8,8 +8,8 @@ Deepness and GeoDeep read the tile size from the input shape.
 
 After export the file is checked with ``onnx.checker`` and run with ONNX Runtime on random
 input (band values around the training data's means) at a batch size other than the traced
-one; fp32 must match PyTorch within
-:data:`FP32_TOLERANCE` (or the given tolerance) or nothing is written.
+one; fp32 must match PyTorch within :data:`FP32_TOLERANCE` (or the given tolerance) or
+nothing is written.
 
 Beside ``model.onnx`` two more graphs are written for predict's shared-backbone engine
 (unless ``split=False``): ``model.backbone.onnx`` (``image`` [N, C, H, W], any H and W
