@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from geoseg_cli.checkpoint import ModelInfo, build_model, file_hash, load_checkpoint
+from geoseg_cli.rowstream import FeatureStream
+from geoseg_cli.tta import View
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ CHUNK_CELLS = 4
 #: (rows c − 1 and c for o < 8, c and c + 1 from 8 on) in bilinear upsampling by 16 with
 #: align_corners=False: the fraction of (o + 0.5)/16 − 0.5.
 _LATER_ROW_WEIGHT = ((torch.arange(FEATURE_STRIDE) + 0.5) / FEATURE_STRIDE + 0.5) % 1
+
+
+#: ``push(pixels, last)`` of a feature stream (:meth:`TorchEngine.feature_stream`).
+StreamPush = Callable[[np.ndarray, bool], np.ndarray]
 
 
 class Engine(Protocol):
@@ -233,6 +239,21 @@ class TorchEngine:
     def head_logits(self, features: np.ndarray) -> np.ndarray:
         """Head logits on window features (see :class:`FeatureEngine`)."""
         return self._run(self.module.head_logits, features)
+
+    def feature_stream(self, view: View, rows: int, cols: int) -> StreamPush:
+        """Features of one TTA view over a ``rows × cols`` area (multiples of 16), fed
+        top to bottom (:class:`~geoseg_cli.rowstream.FeatureStream`).
+
+        Returns:
+            ``push(pixels, last)``: scaled input C × h × cols (the area's next rows) →
+            F × h' × cols/16 feature rows now complete (h' may be 0; all once ``last``).
+        """
+        stream = FeatureStream(self.module, view, rows, cols)
+
+        def push(pixels: np.ndarray, last: bool) -> np.ndarray:
+            return self._run(lambda x: stream.push(x, last), pixels[np.newaxis])[0]
+
+        return push
 
     @torch.inference_mode()
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray) -> np.ndarray:
