@@ -70,7 +70,9 @@ from geoseg_cli.shared import (
     default_head_batch,
     default_tile,
     feature_channels,
+    has_streams,
     split_span,
+    stream_rows,
 )
 from geoseg_cli.shared import memory_bytes as shared_memory_bytes
 from geoseg_cli.tta import View, merge_views, tta_views
@@ -128,7 +130,8 @@ class PredictOptions:
             shared engine falls back to the window engine when the model cannot split into
             backbone and head, or when windows do not overlap (nothing to share).
         tile: Shared engine: largest backbone tile side in pixels, a multiple of 16
-            (default: 1024 on a CPU, 2048 on a GPU).
+            (default: 1024 on a CPU, 2048 on a GPU); a PyTorch model streams rows instead of
+            tiles, a quarter of this square at a time.
         halo: Shared engine: context around inner tile sides in pixels (a multiple of 16).
     """
 
@@ -170,6 +173,7 @@ class Plan:
             does not fill with the whole raster.
         engine: ``"shared"`` or ``"window"`` (after fallbacks).
         features: Backbone feature channels (shared engine), else None.
+        streamed: Shared engine: the backbone streams rows (a PyTorch model), not tiles.
         tile: Shared engine: largest tile side.
         halo: Shared engine: context around inner tile sides.
     """
@@ -188,6 +192,7 @@ class Plan:
     gdal_cache: int
     engine: str
     features: int | None
+    streamed: bool
     tile: int
     halo: int
 
@@ -202,7 +207,7 @@ class Plan:
         if self.engine == "shared":
             views = len(self.views)
             batch = shared_memory_bytes(
-                g, views, c, self.features, k, self.batch_size, self.tile, self.halo
+                g, views, c, self.features, k, self.batch_size, self.tile, self.halo, self.streamed
             )
         else:
             batch = self.batch_size * (c + 2 * k) * t * t * 4
@@ -225,14 +230,19 @@ class Plan:
                 f"{windows}window engine, at most {g.count * views} images in {passes} forward "
                 f"passes of <= {self.batch_size}; {memory}"
             )
-        tiles = len(split_span(*g.padded_rows, self.tile)) * len(
-            split_span(*g.padded_cols, self.tile)
-        )
+        (top, bottom), (left, right) = g.padded_rows, g.padded_cols
+        if self.streamed:
+            rows = stream_rows(self.tile, right - left)
+            backbone = f"streamed over {right - left} px wide rows, {rows} at a time"
+        else:
+            tiles = len(split_span(top, bottom, self.tile)) * len(
+                split_span(left, right, self.tile)
+            )
+            backbone = f"on {tiles} tile(s) of <= {self.tile} px (+{self.halo} px context)"
         return (
-            f"{windows}shared engine, backbone once per pixel and view on {tiles} tile(s) of "
-            f"<= {self.tile} px (+{self.halo} px context), head on at most {g.count * views} "
-            f"windows in {passes} passes of <= {self.batch_size}; {memory} (cached features "
-            "included)"
+            f"{windows}shared engine, backbone once per pixel and view {backbone}, head on at "
+            f"most {g.count * views} windows in {passes} passes of <= {self.batch_size}; "
+            f"{memory} (cached features included)"
         )
 
 
@@ -374,6 +384,7 @@ def make_plan(
     features: int | None = None,
     head_batch: int = CPU_HEAD_BATCH,
     tile: int = CPU_TILE,
+    streams: bool = False,
 ) -> Plan:
     """Check the inputs against the model, pick the engine and fix the window grid.
 
@@ -385,6 +396,8 @@ def make_plan(
             (needed by the shared engine), else None.
         head_batch: The shared engine's batch size when ``options`` gives none.
         tile: The shared engine's largest tile side when ``options`` gives none.
+        streams: Whether the engine streams features row by row (the shared engine then
+            runs no tiles).
 
     Raises:
         UsageError: Bad window, stride, batch size, engine or band selection.
@@ -442,6 +455,7 @@ def make_plan(
         gdal_cache=max(_MIN_GDAL_CACHE, 2 * band_bytes),
         engine=engine,
         features=features if engine == "shared" else None,
+        streamed=engine == "shared" and streams,
         tile=tile,
         halo=options.halo,
     )
@@ -535,6 +549,7 @@ def predict_raster(
             feature_channels(engine),
             default_head_batch(engine),
             default_tile(engine),
+            has_streams(engine),
         )
         log.info("%s: %s", source, plan.describe())
         step = predictor or _predictor(engine, plan, src)

@@ -99,6 +99,58 @@ def nodata_scene(make_raster) -> Path:
 # --- geometry: exactly the window engine when the backbone needs no context ------------
 
 
+class TilesOnly:
+    """A PyTorch engine without its row streams: the shared engine cuts tiles, as it does
+    for an ONNX model."""
+
+    def __init__(self, engine: TorchEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        if name == "feature_stream":
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+class StreamingLocalBackbone(LocalBackbone):
+    """:class:`LocalBackbone` with row streams; counts the streams and the rows fed."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__(window)
+        self.streams, self.rows_fed = 0, 0
+
+    def feature_stream(self, view, rows: int, cols: int):
+        self.streams += 1
+
+        def push(pixels: np.ndarray, last: bool) -> np.ndarray:
+            self.rows_fed += pixels.shape[1]
+            return self.features(pixels[np.newaxis])[0]  # block means: the same in any view
+
+        return push
+
+
+def test_row_streams_restart_below_rows_no_window_needs(make_raster, tmp_path):
+    """A 130-row nodata band holding whole row bands of windows: the streams skip it and
+    restart with ``halo`` rows of context, and every window still gets the window engine's
+    probabilities."""
+    image, _ = synthetic_scene(200, 70, seed=2)
+    image = np.maximum(image, 1)
+    image[:, 40:170] = 0
+    source = make_raster("band.tif", image, nodata=0)
+    options = dict(window=48, stride=16, tta="flip", tile=32, halo=16, probabilities="float32")
+    probs = {}
+    for name, engine in (("window", LocalBackbone(48)), ("shared", StreamingLocalBackbone(48))):
+        out = tmp_path / f"{name}.tif"
+        predict_raster(engine, source, out, PredictOptions(engine=name, **options))
+        probs[name] = probabilities(out)
+    np.testing.assert_allclose(probs["shared"], probs["window"], atol=1e-5)
+    # padded rows -16..224; the windows at rows 48..112 hold only nodata: the first streams
+    # stop at row 80 (the window at 32 ends there), the next ones start at row 128 (the
+    # next window) less 16 rows of context
+    assert engine.streams == 2 * 3
+    assert engine.rows_fed == 3 * ((80 + 16) + (224 - 112))
+
+
 def test_split_span_cuts_near_equal_multiples_of_16():
     assert split_span(-32, 480, 128) == [(-32, 96), (96, 224), (224, 352), (352, 480)]
     assert split_span(0, 208, 96) == [(0, 80), (80, 144), (144, 208)]
@@ -176,7 +228,9 @@ def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_pat
 
     grid = Grid(70, 100, 32, 16, 16)
     views = tta_views("flip")
-    shared = SharedPredictor(engine, grid, views, read_region, batch_size=4, tile=32, halo=0)
+    shared = SharedPredictor(
+        TilesOnly(engine), grid, views, read_region, batch_size=4, tile=32, halo=0
+    )
     window = EnginePredictor(engine, 32, views, 3)
     (top, _), (left, right) = grid.padded_rows, grid.padded_cols
     aligned = 0
@@ -192,21 +246,28 @@ def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_pat
     assert aligned >= 6
 
 
-def test_halo_wider_than_the_receptive_field_makes_tiles_seamless(nodata_scene, tmp_path):
+def test_row_streams_and_wide_halos_give_one_pass_over_the_area(nodata_scene, tmp_path):
     """resnet18's layer3 sees 211 px (105 px around a feature's cell): with a 112-px halo
-    48-px tiles give the features of one untiled pass, so the same probabilities; without
-    a halo the seams show."""
+    48-px tiles give the features of one untiled pass, so the same probabilities, and so do
+    the PyTorch engine's row streams (fed 16 rows at a time); without a halo the seams
+    show."""
     engine = TorchEngine(save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=3), "cpu")
     probs = {}
-    for tile, halo in ((4096, 0), (48, 112), (48, 0)):
-        out = tmp_path / f"t{tile}h{halo}.tif"
+    for name, runtime, tile, halo in (
+        ("one tile", TilesOnly(engine), 4096, 0),
+        ("halo", TilesOnly(engine), 48, 112),
+        ("seams", TilesOnly(engine), 48, 0),
+        ("streams", engine, 48, 0),
+    ):
+        out = tmp_path / f"{name}.tif"
         options = PredictOptions(
             stride=16, tta="flip", engine="shared", tile=tile, halo=halo, probabilities="float32"
         )
-        predict_raster(engine, nodata_scene, out, options)
-        probs[halo if tile == 48 else None] = probabilities(out)
-    np.testing.assert_allclose(probs[112], probs[None], atol=1e-4)
-    assert np.abs(probs[0] - probs[None]).max() > 0.1
+        predict_raster(runtime, nodata_scene, out, options)
+        probs[name] = probabilities(out)
+    np.testing.assert_allclose(probs["halo"], probs["one tile"], atol=1e-4)
+    np.testing.assert_allclose(probs["streams"], probs["one tile"], atol=1e-4)
+    assert np.abs(probs["seams"] - probs["one tile"]).max() > 0.1
 
 
 @pytest.mark.parametrize(("height", "width"), [(9, 4), (1, 3), (CHUNK_CELLS, 28)])
@@ -302,7 +363,8 @@ def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, ca
         logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
     assert "stride 20 rounded to 16" in caplog.text
     assert "stride 40 leaves the windows without overlap" in caplog.text  # 40 → 48 = T
-    assert "shared engine, backbone once per pixel and view on 1 tile(s)" in caplog.text
+    # 70 px + 2 × 16 px margin, padded to whole windows: 112 px wide rows
+    assert "backbone once per pixel and view streamed over 112 px wide rows" in caplog.text
     grid = Grid(50, 70, 48, 16, 16)
     assert grid.row_starts[0] == -16 and grid.col_starts[0] == -16  # margin 16, not 16 + 0
     assert Grid(50, 70, 448, 112, 16).row_starts[0] == -160  # 168 rounded down to 160
