@@ -346,7 +346,7 @@ class SharedPredictor:
         for i, (made, target) in enumerate(zip(self._made, strip.features, strict=True)):
             rows = np.concatenate(made, axis=1)
             target[:] = rows[:, first:last]
-            self._made[i] = [rows[:, last:]]
+            self._made[i] = [rows[:, last:].copy()]  # not a view holding all the rows
         self._made_top = strip.bottom
         strip.done = [True] * len(strip.done)
 

@@ -227,7 +227,7 @@ def run(args: list[str]) -> object:
 
 
 def test_batch_size_does_not_change_the_result(scene, tmp_path):
-    # Seed 10 predicts two classes on this scene with top-2 margins >= 3e-5, far above the
+    # The window engine (test_shared checks the shared one). Seed 10 predicts two classes on this scene with top-2 margins >= 3e-5, far above the
     # ~1e-6 that batch size changes in float32 convolutions.
     checkpoint = save_tiny_checkpoint(tmp_path / "varied.pt", seed=10)
     outs = []
@@ -236,7 +236,7 @@ def test_batch_size_does_not_change_the_result(scene, tmp_path):
         result = run([
             "-q", "predict", str(scene["image"]), "-m", str(checkpoint), "-o", str(out),
             "--stride", "20", "--batch-size", str(batch), "--probabilities",
-            "--probability-dtype", "float32", "--tta",
+            "--probability-dtype", "float32", "--tta", "--engine", "window",
         ])  # fmt: skip
         assert result.exit_code == 0, result.output
         assert result.output.splitlines() == [
