@@ -10,10 +10,9 @@ For each input the pipeline is:
       valid-data mask;
    b. a :class:`WindowPredictor` (the pluggable step) turns the scaled band and the offsets
       of the windows that hold valid pixels into per-window probabilities: the window engine
-      (:class:`EnginePredictor`, the paper's method, the default) runs the whole network on
-      batches of windows × TTA views; the shared engine
-      (:class:`~geoseg_cli.shared.SharedPredictor`) runs the backbone once per pixel and
-      view and only the head per window;
+      (:class:`EnginePredictor`, the paper's method) runs the whole network on batches of
+      windows × TTA views; the shared engine (:class:`~geoseg_cli.shared.SharedPredictor`,
+      the default) runs the backbone once per pixel and view and only the head per window;
    c. the probabilities, weighted by a smooth window, are added to a rolling accumulator that
       holds only the ``T`` rows still open;
    d. the rows no later window touches are divided by the summed weights and written (class

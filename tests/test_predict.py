@@ -227,8 +227,9 @@ def run(args: list[str]) -> object:
 
 
 def test_batch_size_does_not_change_the_result(scene, tmp_path):
-    # The window engine (test_shared checks the shared one). Seed 10 predicts two classes on this scene with top-2 margins >= 3e-5, far above the
-    # ~1e-6 that batch size changes in float32 convolutions.
+    # The window engine (test_shared checks the shared one). Seed 10 predicts two classes on
+    # this scene with top-2 margins >= 3e-5, far above the ~1e-6 that batch size changes in
+    # float32 convolutions.
     checkpoint = save_tiny_checkpoint(tmp_path / "varied.pt", seed=10)
     outs = []
     for batch in (1, 7):
