@@ -91,7 +91,7 @@ WINDOW_MULTIPLE = FEATURE_STRIDE
 #: Inference methods: ``shared`` (backbone once per pixel) and ``window`` (the paper's).
 ENGINES = ("shared", "window")
 #: The default method: the shared engine, since it met issue 8's bars on a 2-core CPU
-#: (8.95x at window 448, stride 112, flip TTA; 3.0-3.1x at stride 224; a trained model gave
+#: (8.95x at window 448, stride 112, flip TTA; 2.95-3.1x at stride 224; a trained model gave
 #: the window engine's class on 99.09 % of RGB.byte.tif at stride 112 with flips).
 DEFAULT_ENGINE = "shared"
 #: Windows × views per forward pass of the window engine when the user gives no batch size.

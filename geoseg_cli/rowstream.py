@@ -103,7 +103,8 @@ class _Sliding:
         first = s * self.done - top - self.start
         out = self.op(self.buffer[:, :, first : s * (ready - 1) - top + k - self.start])
         keep = min(s * ready - top - self.start, self.buffer.shape[2])
-        self.buffer = self.buffer[:, :, keep:]
+        # a copy of the few rows kept, so that the run fed in can be freed
+        self.buffer = self.buffer[:, :, keep:].clone()
         self.start += keep
         self.done = ready
         return out
@@ -145,7 +146,7 @@ class _Residual:
             if rows == piece.shape[2]:
                 self.waiting.pop(0)
             else:
-                self.waiting[0] = piece[:, :, rows:]
+                self.waiting[0] = piece[:, :, rows:].clone()  # frees the rest of the run
         return y.relu_()
 
 

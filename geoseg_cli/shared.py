@@ -342,11 +342,19 @@ class SharedPredictor:
             for push, made in zip(self._pushes, self._made, strict=True):
                 made.append(push(pixels, end == bottom))
             self._fed = end
-        first, last = (strip.top - self._made_top) // s, (strip.bottom - self._made_top) // s
-        for i, (made, target) in enumerate(zip(self._made, strip.features, strict=True)):
-            rows = np.concatenate(made, axis=1)
-            target[:] = rows[:, first:last]
-            self._made[i] = [rows[:, last:].copy()]  # not a view holding all the rows
+        for made, target in zip(self._made, strip.features, strict=True):
+            row, kept = self._made_top, []  # piece by piece: no copy of all the rows
+            for piece in made:
+                stop = row + piece.shape[1] * s
+                a, b = max(row, strip.top), min(stop, strip.bottom)
+                if a < b:
+                    target[:, (a - strip.top) // s : (b - strip.top) // s] = piece[
+                        :, (a - row) // s : (b - row) // s
+                    ]
+                if stop > strip.bottom:
+                    kept.append(piece[:, (max(row, strip.bottom) - row) // s :])
+                row = stop
+            made[:] = kept
         self._made_top = strip.bottom
         strip.done = [True] * len(strip.done)
 
