@@ -178,11 +178,12 @@ class _Builder:
         left = self._before(self.reverse_cols, kernel, stride, padding)
         right = stride * (self.cols // stride - 1) - left + kernel - self.cols
         top = self._before(self.reverse_rows, kernel, stride, padding)
-        rows = self.rows
-        self.rows, self.cols = self.rows // stride, self.cols // stride
+        rows, cols = self.rows, self.cols
+        self.rows, self.cols = rows // stride, cols // stride
         if kernel == stride == 1:
             return _Pointwise(lambda x: layer(x, 1, 0))
-        if left == right:
+        if left >= 0 and (cols + 2 * left - kernel) // stride + 1 == self.cols:
+            # the layer's own padding: what it adds past ``right`` on the right goes unused
             return _Sliding(lambda x: layer(x, stride, left), kernel, stride, top, rows)
 
         def op(x: torch.Tensor) -> torch.Tensor:
