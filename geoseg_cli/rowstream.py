@@ -205,6 +205,7 @@ class _Builder:
         )
 
     def block(self, block: BasicBlock | Bottleneck) -> _Residual:
+        """A residual block: its convolutions with ReLUs between, its shortcut."""
         rows, cols = self.rows, self.cols
         convs = [block.conv1, block.conv2] + (
             [block.conv3] if isinstance(block, Bottleneck) else []
@@ -223,6 +224,7 @@ class _Builder:
         return _Residual(_Chain(stages), shortcut)
 
     def trunk(self, trunk: ResNetTrunk) -> list[_Stage]:
+        """The stem (convolution, ReLU, max pooling) and the blocks of layer1 to layer3."""
         stages = [self.conv(trunk.conv1), _Pointwise(_relu)]
         stages.append(self._sliding(3, 2, 1, lambda x, s, p: F.max_pool2d(x, 3, s, (0, p))))
         for layer in (trunk.layer1, trunk.layer2, trunk.layer3):
