@@ -10,9 +10,10 @@ For each input the pipeline is:
       valid-data mask;
    b. a :class:`WindowPredictor` (the pluggable step) turns the scaled band and the offsets
       of the windows that hold valid pixels into per-window probabilities: the window engine
-      (:class:`EnginePredictor`, the paper's method) runs the whole network on batches of
-      windows × TTA views; the shared engine (:class:`~geoseg_cli.shared.SharedPredictor`,
-      the default) runs the backbone once per pixel and view and only the head per window;
+      (:class:`EnginePredictor`, the paper's method, the default) runs the whole network on
+      batches of windows × TTA views; the shared engine
+      (:class:`~geoseg_cli.shared.SharedPredictor`) runs the backbone once per pixel and
+      view and only the head per window;
    c. the probabilities, weighted by a smooth window, are added to a rolling accumulator that
       holds only the ``T`` rows still open;
    d. the rows no later window touches are divided by the summed weights and written (class
@@ -90,10 +91,10 @@ OGR_VECTOR_SUFFIXES = (".gpkg", ".fgb")
 WINDOW_MULTIPLE = FEATURE_STRIDE
 #: Inference methods: ``shared`` (backbone once per pixel) and ``window`` (the paper's).
 ENGINES = ("shared", "window")
-#: The default method: the shared engine, since it met issue 8's bars on a 2-core CPU
-#: (8.95x at window 448, stride 112, flip TTA; 2.95-3.1x at stride 224; a trained model gave
-#: the window engine's class on 99.09 % of RGB.byte.tif at stride 112 with flips).
-DEFAULT_ENGINE = "shared"
+#: The default method. The shared engine stays opt-in until it clearly meets issue 8's bars:
+#: on a 2-core CPU it is 8.5-9.0x faster at window 448, stride 112, flip TTA (the bar is 8x)
+#: but 2.85-3.1x at stride 224 without TTA (the bar is 3x).
+DEFAULT_ENGINE = "window"
 #: Windows × views per forward pass of the window engine when the user gives no batch size.
 DEFAULT_WINDOW_BATCH = 4
 #: Smallest GDAL block cache used while predicting (bytes).

@@ -78,15 +78,15 @@ class _OptionalChoice(click.Choice):
 )
 @click.option(
     "--engine",
-    type=click.Choice(["shared", "window"]),
-    default="shared",
+    type=click.Choice(["window", "shared"]),
+    default="window",
     show_default=True,
-    help="shared: the backbone runs once per pixel and view, only the SCG head per window "
-    "(3-9x faster with overlap on a CPU; stride rounded to a multiple of 16; falls back to "
-    "window when the model cannot split or windows do not overlap). window: the whole "
-    "network on every window (the paper's method, exact strides; classes differ from "
-    "shared's where the backbone's context at window borders differs, 1-4 % of pixels for "
-    "the demo models).",
+    help="window: the whole network on every window (the paper's method, exact strides). "
+    "shared: the backbone runs once per pixel and view, only the SCG head per window (3-9x "
+    "faster with overlap on a CPU; stride rounded to a multiple of 16; falls back to window "
+    "when the model cannot split or windows do not overlap; classes differ from window's "
+    "where the backbone's context at window borders differs, 1-4 % of pixels for the demo "
+    "models).",
 )
 @device_opt
 @bidx_opt
@@ -157,15 +157,15 @@ def predict(
     a smooth weight window, so there are no seams. Memory does not grow with the raster
     height. Nodata pixels stay nodata (255) in the uint8 class map, which keeps the input's
     CRS, transform and size and carries a colour table. Under torchrun, each rank
-    predicts its share of the inputs. The shared engine (the default) computes the backbone
-    once per pixel and shares it between overlapping windows; --engine window runs the
-    whole network on every window, as the paper does.
+    predicts its share of the inputs. The window engine runs the whole network on every
+    window, as the paper does; --engine shared computes the backbone once per pixel and
+    shares it between overlapping windows (3-9x faster with overlap).
 
     \b
     Examples:
       geoseg predict scene.tif --model run/best.pt --tta
-      geoseg predict scene.tif -m run/best.pt --window 448 --stride 112 --tta
-      geoseg predict scene.tif -m run/best.pt --window 448 --stride 100 --tta --engine window
+      geoseg predict scene.tif -m run/best.pt --window 448 --stride 100 --tta  # the paper
+      geoseg predict scene.tif -m run/best.pt --window 448 --stride 112 --tta --engine shared
       geoseg predict tiles/*.tif -o out/ -m model.onnx --cog --vector polygons/
       geoseg predict scene.tif -m best.pt -o pred.tif --probabilities --co COMPRESS=LZW
     """
