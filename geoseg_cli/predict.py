@@ -793,13 +793,15 @@ def _stream(
 
             f0, f1 = grid.finished_rows(b)
             if f1 > f0:
-                weight = row_cov[f0:f1, None].astype(np.float32) * col_cov[None, :]
-                probs = accumulator[:, f0 - r : f1 - r] / weight
+                sums = accumulator[:, f0 - r : f1 - r]
                 ok = band_valid[f0 - y0 : f1 - y0]
-                class_map = probs.argmax(axis=0).astype(dtype)
+                # every class of a pixel has the same summed weight: the class map needs
+                # the weighted sums only
+                class_map = sums.argmax(axis=0).astype(dtype)
                 class_map[~ok] = nodata
                 writers[0].write(class_map[np.newaxis], ok)
                 if prob_path is not None:
+                    probs = sums / (row_cov[f0:f1, None].astype(np.float32) * col_cov[None, :])
                     if plan.probabilities == "uint8":
                         probs = np.rint(probs * 255)
                     probs[:, ~ok] = 0

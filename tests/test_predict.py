@@ -253,6 +253,8 @@ def test_batch_size_does_not_change_the_result(scene, tmp_path):
     np.testing.assert_array_equal(outs[0][0][0] == 255, nodata)
     counts = np.bincount(outs[0][0][0][~nodata], minlength=3)
     assert counts.sum() == (~nodata).sum() and np.sort(counts)[-2] > 500  # two classes at least
+    # the class map (argmax of the weighted sums) is the argmax of the blended probabilities
+    np.testing.assert_array_equal(outs[0][0][0][~nodata], outs[0][1].argmax(axis=0)[~nodata])
 
 
 @pytest.mark.parametrize(
