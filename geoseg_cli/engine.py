@@ -168,7 +168,11 @@ def mean_probabilities(logits: torch.Tensor) -> torch.Tensor:
     for first in range(0, height, CHUNK_CELLS):
         count = min(CHUNK_CELLS, height - first)
         rows = _upsample_rows(padded, first, count)  # V×K×16·count×16w
-        torch.mean(torch.softmax(rows, dim=1), dim=0, out=out[:, first * s : (first + count) * s])
+        target = out[:, first * s : (first + count) * s]
+        if len(rows) == 1:  # no view mean: the softmax straight into the output
+            torch.softmax(rows[0], dim=0, out=target)
+        else:
+            torch.mean(torch.softmax(rows, dim=1), dim=0, out=target)
     return out
 
 

@@ -282,8 +282,10 @@ def test_mean_probabilities_is_interpolate_softmax_and_view_mean(height, width):
     actual = mean_probabilities(logits)
     assert actual.shape == (5, *size)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
-    # one view: a softmax, so the classes sum to one everywhere
-    torch.testing.assert_close(mean_probabilities(logits[:1]).sum(0), torch.ones(size))
+    # one view: its softmax, so the classes sum to one everywhere
+    one = mean_probabilities(logits[:1])
+    torch.testing.assert_close(one, torch.softmax(upsampled[0], dim=0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(one.sum(0), torch.ones(size))
 
 
 # --- the real network: batch size, TTA, nodata, plan -----------------------------------
