@@ -183,9 +183,8 @@ class SharedPredictor:
     Called once per row band of ``grid``, top to bottom, as predict's pipeline does (also for
     bands without windows to predict); it reads the pixels it needs itself through
     ``read``. Features are computed when a window first needs them, so areas whose windows
-    hold only nodata cost nothing: tiles without such windows are never run, and row
-    streams restart (with ``halo`` rows of context) below a run of strips that no window
-    needed.
+    hold only nodata cost nothing: tiles that no window needs are never run, and row
+    streams restart (with ``halo`` rows of context) below strips that no window needed.
 
     Args:
         engine: A runtime that runs backbone and head separately.
