@@ -247,7 +247,8 @@ class SharedPredictor:
         """Probabilities (K×T×T float32) of the windows at ``offsets`` of the next row band.
 
         Args:
-            band: Unused (None from predict's pipeline): tiles are read with their halo.
+            band: Unused (None from predict's pipeline): the streams or tiles read their
+                own pixels through ``read``.
             offsets: Column offsets of the windows, relative to the padded band.
         """
         top = self._band_tops[self._band]
