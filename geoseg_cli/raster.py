@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
@@ -254,6 +254,13 @@ def nodata_valid(data: np.ndarray, nodata: float) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     return valid
+
+
+def data_bands(src: rasterio.DatasetReader) -> list[int]:
+    """The 1-based bands that hold data: all but alpha bands, which GDAL reads as the
+    other bands' mask (as QGIS and rio-tiler do); every band when all are alpha."""
+    bands = [i for i in src.indexes if src.colorinterp[i - 1] != ColorInterp.alpha]
+    return bands or list(src.indexes)
 
 
 def has_mask(src: rasterio.DatasetReader, indexes: list[int]) -> bool:

@@ -43,6 +43,7 @@ from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
     check_output,
+    data_bands,
     ground_resolution,
     open_raster,
     read_masked,
@@ -126,7 +127,7 @@ class _Image:
     prefix: str
     width: int
     height: int
-    count: int
+    bands: tuple[int, ...]
     dtype: str
 
 
@@ -199,19 +200,21 @@ def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> lis
                     f"chip size {size} is larger than {path} ({src.width}x{src.height} px); "
                     f"use --size {min(src.width, src.height)} or less"
                 )
-            dtypes = {src.dtypes[b - 1] for b in bidx or src.indexes}
+            bands = tuple(bidx or data_bands(src))
+            dtypes = {src.dtypes[b - 1] for b in bands}
             if len(dtypes) > 1:
                 raise InputError(f"{path}: bands of mixed types {sorted(dtypes)}; select bands")
             prefix = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
             infos.append(
-                _Image(path, prefix, src.width, src.height, len(bidx or src.indexes), dtypes.pop())
+                _Image(path, prefix, src.width, src.height, bands, dtypes.pop())
             )
     first = infos[0]
     for info in infos[1:]:
-        if (info.count, info.dtype) != (first.count, first.dtype):
+        if (info.bands, info.dtype) != (first.bands, first.dtype):
             raise InputError(
-                f"{info.path} has {info.count} {info.dtype} band(s) but {first.path} has "
-                f"{first.count} {first.dtype}; tile images of one kind together (or use -b)"
+                f"{info.path} has {info.dtype} data band(s) {list(info.bands)} but "
+                f"{first.path} has {first.dtype} band(s) {list(first.bands)}; tile images of "
+                "one kind together (or use -b)"
             )
     return infos
 
@@ -451,7 +454,7 @@ def tile(
         classes: Classes file (TOML/JSON), preset name (``isprs``) or None to infer.
         class_field: Vector attribute holding the class (number or class name).
         class_value: Class value burnt for every polygon (default 1 without ``class_field``).
-        bidx: 1-based bands to keep (default: all).
+        bidx: 1-based bands to keep (default: every band but alpha bands).
         max_nodata: Skip chips with a larger nodata fraction (chips without any valid pixel
             are always skipped).
         val_fraction: Share of validation data.
@@ -482,7 +485,7 @@ def tile(
         if source.kind != "vector":
             source.check_grid(info.path)
     table = resolve_classes(sources, classes, ignore_index)
-    bands = list(bidx or range(1, infos[0].count + 1))
+    bands = list(infos[0].bands)
     opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table)
     mode = split or ("source" if len(images) > 1 else "random")
 

@@ -15,6 +15,7 @@ import rasterio
 from click.testing import CliRunner
 from conftest import ALBERS_WKT, UTM_CRS, UTM_TRANSFORM, synthetic_scene, write_geojson
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from rasterio.warp import transform_geom
@@ -148,6 +149,32 @@ def test_uint16_scaling_nodata_skipping_and_overlap(make_raster, tmp_path: Path)
     np.testing.assert_allclose(stats["mean"], [valid.mean()], rtol=1e-10)
     np.testing.assert_allclose(stats["std"], [valid.std()], rtol=1e-8)
     assert stats["num_chips"] == {"train": 2, "val": 0}
+
+
+def test_alpha_band_masks_the_image_and_is_not_an_input(tmp_path: Path) -> None:
+    image, labels = synthetic_scene(40, 50)
+    alpha = np.full((1, 40, 50), 255, np.uint8)
+    alpha[0, :, :20] = 0  # transparent left part, image values kept as they are
+    path = tmp_path / "rgba.tif"
+    profile = {"driver": "GTiff", "width": 50, "height": 40, "count": 4, "dtype": "uint8",
+               "crs": UTM_CRS, "transform": UTM_TRANSFORM}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate([image, alpha]))
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    out = tmp_path / "chips"
+    label_path = tmp_path / "lab.tif"
+    with rasterio.open(label_path, "w", **{**profile, "count": 1}) as dst:
+        dst.write(labels, 1)
+    tile([path], [label_path], out, size=32, stride=18, val_fraction=0, max_nodata=1)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["bands"] == [1, 2, 3]
+    rows = read_manifest(out)
+    assert [float(r["nodata_fraction"]) for r in rows] == [20 / 32, 2 / 32, 20 / 32, 2 / 32]
+    with rasterio.open(out / rows[0]["image"]) as img, rasterio.open(out / rows[0]["label"]) as lab:
+        assert img.count == 3
+        expected = labels[:32, :32].copy()
+        expected[:, :20] = 255
+        np.testing.assert_array_equal(lab.read(1), expected)
 
 
 def test_rgb_palette_labels_with_isprs_preset(make_raster, tmp_path: Path) -> None:

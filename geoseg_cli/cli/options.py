@@ -15,7 +15,10 @@ bidx_opt = click.option(
     "--bidx",
     type=click.IntRange(min=1),
     multiple=True,
-    help="1-based band index to read (repeatable; default: all bands / the model's bands).",
+    help=(
+        "1-based band index to read (repeatable; default: every band but alpha bands, "
+        "which mask the others / the model's bands)"
+    ),
 )
 class_field_opt = click.option(
     "--class-field",
