@@ -205,9 +205,7 @@ def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> lis
             if len(dtypes) > 1:
                 raise InputError(f"{path}: bands of mixed types {sorted(dtypes)}; select bands")
             prefix = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
-            infos.append(
-                _Image(path, prefix, src.width, src.height, bands, dtypes.pop())
-            )
+            infos.append(_Image(path, prefix, src.width, src.height, bands, dtypes.pop()))
     first = infos[0]
     for info in infos[1:]:
         if (info.bands, info.dtype) != (first.bands, first.dtype):
