@@ -417,6 +417,11 @@ class _Trainer:
         if training.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(training["scaler"])
         self.epoch, self.step = int(training["epoch"]), int(training["step"])
+        if self.epoch >= self.config.epochs:
+            raise UsageError(
+                f"{path} has already trained {self.epoch} of {self.config.epochs} epochs; "
+                f"pass --epochs N with N > {self.epoch} to train on"
+            )
         best = training.get("best_metric")
         self.best_value = None if best is None else float(best)
         ranks = training["rng"].get("ranks", [])
@@ -727,7 +732,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, ctx: _Dist) -> None:
     if not resume:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    write_config_file(config, run_dir / "config.toml")
 
 
 def train(
@@ -769,6 +773,8 @@ def train(
             trainer.restore()
         else:
             _seed_everything(config.seed + ctx.rank)
+        if ctx.is_main:  # only once the run is known good: a refused resume changes nothing
+            write_config_file(config, config.output / "config.toml")
         return trainer.run(on_epoch_end)
     finally:
         if ctx.owns_group and dist.is_initialized():

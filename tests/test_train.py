@@ -188,6 +188,20 @@ def test_nan_loss_stops_with_message_and_keeps_last(chips, tmp_path):
     saved = read_config_file(run / "config.toml")
     assert saved["epochs"] == 1 and saved["batch_size"] == 8 and saved["window"] == 32
 
+    # refused resumes leave the run as it was
+    config_text = (run / "config.toml").read_text()
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--epochs", "1"])
+    assert result.exit_code == 2 and "has already trained 1 of 1 epochs" in result.output
+    more = tmp_path / "more_classes"
+    shutil.copytree(chips, more)
+    stats = json.loads((more / "stats.json").read_text())
+    stats["classes"].append({"name": "extra", "color": [1, 2, 3]})
+    stats["class_weights"].append(1.0)
+    (more / "stats.json").write_text(json.dumps(stats))
+    result = CliRunner().invoke(cli, ["train", str(more), "--resume", str(run), "--epochs", "2"])
+    assert result.exit_code == 1 and "4 classes" in result.output
+    assert (run / "config.toml").read_text() == config_text
+
     # a NaN weight makes the next loss NaN
     data = state_of(run / "last.pt")
     data["state_dict"]["backbone.conv1.weight"][0, 0, 0, 0] = float("nan")
