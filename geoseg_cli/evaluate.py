@@ -32,6 +32,7 @@ from geoseg_cli.labels import (
     VectorLabels,
     is_vector_path,
     load_classes,
+    warn_unscored_labels,
 )
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
@@ -127,12 +128,19 @@ def evaluate(
         matrix = ConfusionMatrix(num_classes, ignore_index)
         with _label_reader(label_path, pred_src, table, polygons) as read_labels:
             try:
-                _accumulate(matrix, pred_src, read_labels, boundary_erosion, block_rows)
+                dropped = _accumulate(matrix, pred_src, read_labels, boundary_erosion, block_rows)
             except ValueError as exc:
                 raise InputError(
                     f"{label_path}: {exc}; give --classes with every class, or set "
                     "--ignore-index to the label value that marks unlabelled pixels"
                 ) from exc
+        if table is None and polygons is None:  # a table's labels were checked as tile does
+            with open_raster(label_path) as src:
+                nodata = None if src.nodata is None or math.isnan(src.nodata) else src.nodata
+            nodata_pixels, ignored = dropped
+            pixels = pred_src.width * pred_src.height
+            ignore = -1 if ignore_index is None else ignore_index
+            warn_unscored_labels(str(label_path), pixels, nodata_pixels, nodata, ignored, ignore)
     names = list(classes) if classes is not None else None
     excluded = _class_indexes(exclude_from_mean, names, matrix.num_classes)
     metrics = matrix.metrics(names, excluded, boundary_erosion)
@@ -182,9 +190,14 @@ def _accumulate(
     read_labels: LabelRows,
     radius: int,
     block_rows: int | None,
-) -> None:
+) -> tuple[int, int]:
     """Add every strip of rows to ``matrix``, labels read with ``radius`` rows of context
-    above and below for the boundary erosion."""
+    above and below for the boundary erosion.
+
+    Returns:
+        The label pixels left unscored as nodata (negative ids) and as the ignore index.
+    """
+    nodata = ignored = 0
     height, width = pred_src.height, pred_src.width
     block_rows = block_rows or max(1, BLOCK_PIXELS // width)
     for row in progress(range(0, height, block_rows), desc="evaluate", unit="strip"):
@@ -201,7 +214,12 @@ def _accumulate(
                 constant_values=-1,
             )
             mask = ~boundary_mask(halo, radius, matrix.ignore_index)[radius : radius + rows]
-        matrix.update(pred, labels[row - top : row - top + rows], mask)
+        labels = labels[row - top : row - top + rows]
+        matrix.update(pred, labels, mask)
+        nodata += int(np.count_nonzero(labels < 0))
+        if matrix.ignore_index is not None:
+            ignored += int(np.count_nonzero(labels == matrix.ignore_index))
+    return nodata, ignored
 
 
 def _tagged_classes(src: rasterio.DatasetReader) -> list[str] | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -322,6 +323,29 @@ def load_classes(
 # --- label sources -------------------------------------------------------------------------
 
 
+def warn_unscored_labels(
+    path: str, pixels: int, nodata_pixels: int, nodata: float | None, ignored: int, ignore: int
+) -> None:
+    """Warn about labelled pixels that are dropped without being a class: those equal to the
+    label raster's nodata value (when it is not the ignore index) and those equal to the
+    ignore index. Either may be a class by mistake: the background of a 0/1 mask whose
+    nodata is 0, the objects of a 0/255 mask."""
+    if nodata_pixels and nodata is not None and nodata != ignore:
+        log.warning(
+            "%s: %d px (%.1f%%) have the raster's nodata value %g and are ignored; if %g is "
+            "a class (e.g. the background of a 0/1 mask), unset it: gdal_edit.py "
+            "-unsetnodata %s",
+            path, nodata_pixels, 100 * nodata_pixels / pixels, nodata, nodata, path,
+        )  # fmt: skip
+    if ignored:
+        log.warning(
+            "%s: %d px (%.1f%%) have value %d, the ignore index, and are ignored; if that "
+            "value is a class (e.g. a 0/255 mask), map it with 'value' in a classes file or "
+            "pass another --ignore-index",
+            path, ignored, 100 * ignored / pixels, ignore,
+        )  # fmt: skip
+
+
 class RasterLabels:
     """A label raster on the image grid: class indexes (1 band) or RGB colours (3+ bands).
 
@@ -338,11 +362,13 @@ class RasterLabels:
                     f"not {src.dtypes[0]}; give a 1-band class-index raster instead"
                 )
             self.colormap: dict[int, tuple[int, ...]] | None = None
+            self.nodata = None if src.nodata is None or math.isnan(src.nodata) else src.nodata
             if not self.palette:
                 with contextlib.suppress(ValueError):  # no colour table
                     self.colormap = src.colormap(1)
         self.kind = "palette" if self.palette else "index"
         self._counts: Counter | None = None
+        self._masked = 0  # pixels the label raster's mask leaves out
 
     def check_grid(self, image: str) -> None:
         """Refuse a label raster whose CRS, size or transform differs from the image's."""
@@ -368,6 +394,7 @@ class RasterLabels:
                 for window in iter_row_windows(src.width, src.height):
                     data, valid = read_masked(src, window, bands)
                     counts.update(self._count_block(data, valid))
+                    self._masked += int(valid.size - np.count_nonzero(valid))
             self._counts = counts
         return self._counts
 
@@ -407,17 +434,14 @@ class RasterLabels:
                 )
         else:
             claimed = any(c.value == table.ignore_index for c in table.classes)
-            ignored = 0 if claimed else counts.get(table.ignore_index, 0)
-            if ignored:
-                log.warning(
-                    "%s: %d px (%.1f%%) have value %d, the ignore index, and are ignored; if "
-                    "that value is a class (e.g. a 0/255 mask), map it with 'value' in a "
-                    "classes file or pass another --ignore-index",
-                    self.path,
-                    ignored,
-                    100 * ignored / sum(counts.values()),
-                    table.ignore_index,
-                )
+            warn_unscored_labels(
+                self.path,
+                sum(counts.values()) + self._masked,
+                self._masked,
+                self.nodata,
+                0 if claimed else counts.get(table.ignore_index, 0),
+                table.ignore_index,
+            )
             unknown = table.unknown_values(counts)
             if unknown:
                 raise InputError(

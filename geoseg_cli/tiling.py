@@ -528,6 +528,14 @@ def tile(
                 "use --split random"
             )
         counts = _write_outputs(out, chips, infos, opts, None if count else stride)
+    empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
+    if empty:
+        log.warning(
+            "class(es) %s have no pixel in the chips (a stray label value, polygons outside "
+            "the images, or a class only in skipped chips?); training cannot learn them and "
+            "their 0 scores lower the mean: check the labels or give a classes file",
+            ", ".join(empty),
+        )
     n_val = sum(c.split == "val" for c in chips)
     summary = TileSummary(
         output=str(outdir),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_streamed_erosion_equals_whole_raster(tmp_path):
     assert streamed.boundary_erosion == 3
 
 
-def test_label_nodata_is_not_scored_and_classes_come_from_pred_tags(tmp_path):
+def test_label_nodata_is_not_scored_and_classes_come_from_pred_tags(tmp_path, caplog):
     labels = np.array([[0, 1, 9], [1, 1, 0]], dtype=np.uint8)  # 9 is the label nodata
     pred = np.array([[0, 1, 1], [0, 1, 0]], dtype=np.uint8)
     write_raster(tmp_path / "l.tif", labels, nodata=9)
@@ -82,6 +83,8 @@ def test_label_nodata_is_not_scored_and_classes_come_from_pred_tags(tmp_path):
     m = evaluate(path, tmp_path / "l.tif")
     assert m.classes == ["ground", "roof"]
     assert m.confusion.tolist() == [[2, 0], [1, 2]]
+    assert "1 px (16.7%) have the raster's nodata value 9 and are ignored" in caplog.text
+    assert "-unsetnodata" in caplog.text and "ignore index" not in caplog.text
 
 
 def test_grid_mismatch_is_an_error(tmp_path, hand_rasters):
@@ -158,7 +161,7 @@ def test_rgb_labels_are_mapped_through_the_isprs_preset(tmp_path):
     assert "(10,20,30)" in result.output and "Traceback" not in result.output
 
 
-def test_raw_label_values_are_mapped_through_a_classes_file(tmp_path):
+def test_raw_label_values_are_mapped_through_a_classes_file(tmp_path, caplog):
     """A 0/255 road mask scored with the classes file that tiled it (road: value 255)."""
     mask = np.zeros((19, 27), dtype=np.uint8)
     mask[5:9, :] = 255
@@ -172,11 +175,19 @@ def test_raw_label_values_are_mapped_through_a_classes_file(tmp_path):
         'ignore_index = 255\n[[classes]]\nname = "background"\n'
         '[[classes]]\nname = "road"\nvalue = 255\n'
     )
+    roads = int((mask == 255).sum())
+    with caplog.at_level(logging.WARNING):  # without: the roads are the ignore index
+        m = evaluate(tmp_path / "pred.tif", tmp_path / "mask.tif")
+    assert m.pixels == mask.size - roads
+    assert f"{roads} px ({100 * roads / mask.size:.1f}%) have value 255, the ignore index" in (
+        caplog.text
+    )
+    caplog.clear()
     table = resolve_classes(str(classes))
     m = evaluate(tmp_path / "pred.tif", tmp_path / "mask.tif", classes=table)
-    roads = int((mask == 255).sum())
     assert m.classes == ["background", "road"]
     assert m.confusion.tolist() == [[mask.size - roads, 0], [10, roads - 10]]
+    assert caplog.text == ""
 
 
 def test_checkpoint_classes_map_colours_and_values(tmp_path, tiny_checkpoint):

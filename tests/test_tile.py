@@ -177,6 +177,23 @@ def test_alpha_band_masks_the_image_and_is_not_an_input(tmp_path: Path) -> None:
         np.testing.assert_array_equal(lab.read(1), expected)
 
 
+def test_mask_labels_with_nodata_zero_warn_that_the_background_is_dropped(
+    scene, make_raster, tmp_path, caplog
+) -> None:
+    mask = np.zeros((67, 93), np.uint8)
+    mask[20:40, 30:60] = 1  # a 0/1 building mask saved with nodata 0
+    labels = make_raster("mask.tif", mask, nodata=0)
+    with caplog.at_level(logging.WARNING, logger="geoseg_cli"):
+        tile([scene["image"]], [labels], tmp_path / "chips", size=32)
+    dropped = mask.size - 600
+    assert f"{dropped} px ({100 * dropped / mask.size:.1f}%) have the raster's nodata value 0" in (
+        caplog.text
+    )
+    stats = json.loads((tmp_path / "chips" / "stats.json").read_text())
+    assert stats["class_counts"][0] == 0
+    assert "class(es) class_0 have no pixel in the chips" in caplog.text
+
+
 def test_rgb_palette_labels_with_isprs_preset(make_raster, tmp_path: Path) -> None:
     image, ids = synthetic_scene(40, 50, num_classes=6, seed=2)
     rgb = ISPRS_COLORS[ids].transpose(2, 0, 1).copy()
