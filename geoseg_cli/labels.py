@@ -525,6 +525,17 @@ def _read_ogr(path: str) -> tuple[list[dict], CRS | None]:
     return features, crs
 
 
+def _lonlat_bounds(geometries: list[dict]) -> bool:
+    """Whether every coordinate of the geometries lies within lon/lat bounds (±180, ±90):
+    in a projected CRS only the few hundred metres around its origin do."""
+    try:
+        shapes = shapely.from_geojson([json.dumps(g) for g in geometries])
+    except (GEOSException, ValueError):
+        return False  # reported when the polygons are used
+    x0, y0, x1, y1 = shapely.total_bounds(shapes)
+    return bool(max(-x0, x1) <= 180 and max(-y0, y1) <= 90)
+
+
 def is_vector_path(path: str | os.PathLike) -> bool:
     """Whether a label path names vector polygons (by its suffix), not a label raster."""
     return Path(path).suffix.lower() in _VECTOR_SUFFIXES | _OTHER_VECTOR_SUFFIXES
@@ -535,7 +546,9 @@ class VectorLabels:
     json + shapely), or any vector format GDAL reads through the optional ``pyogrio``.
 
     Each feature's class comes from ``class_field`` (integer value or class name) or is the
-    constant ``class_value``. Later features are drawn over earlier ones.
+    constant ``class_value``. Later features are drawn over earlier ones. Polygons are
+    reprojected from the file's CRS; a file without one is taken as WGS 84 when every
+    coordinate is a plausible lon/lat (RFC 7946 GeoJSON), else as being in the image CRS.
     """
 
     kind = "vector"
@@ -558,6 +571,11 @@ class VectorLabels:
         if not features:
             raise InputError(f"{path}: no features with a geometry; nothing to rasterise")
         self.geometries = [f["geometry"] for f in features]
+        if self.crs is None and _lonlat_bounds(self.geometries):
+            self.crs = CRS.from_epsg(4326)
+            log.info(
+                "%s has no CRS and lon/lat coordinates: taking them as WGS 84 (RFC 7946)", path
+            )
         self.values = self._class_values(features, class_field, class_value)
         self._cache: dict[str, tuple[list, shapely.STRtree]] = {}
 
@@ -641,7 +659,8 @@ class VectorLabels:
         reproject = self.crs is not None and image.crs is not None and self.crs != image.crs
         if self.crs is None:
             log.info(
-                "%s has no CRS: taking its coordinates to be in the image CRS (%s)",
+                "%s has no CRS and coordinates outside lon/lat bounds: taking them to be in the "
+                "image CRS (%s)",
                 self.path,
                 crs_name(image.crs),
             )
@@ -673,8 +692,9 @@ class VectorLabels:
         ids = self._ids(table)
         if not tree.query(shapely.box(*image.bounds)).size:
             log.warning(
-                "%s: no polygon overlaps %s; its labels are all background (if the file "
-                "has no CRS, its coordinates must be in the image CRS)",
+                "%s: no polygon overlaps %s; its labels are all background (a file without "
+                "a CRS is read as WGS 84 lon/lat when its coordinates fit, else in the image "
+                "CRS)",
                 self.path,
                 image.name,
             )

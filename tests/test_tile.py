@@ -278,11 +278,22 @@ def test_vector_without_crs_is_in_image_crs_with_class_value(scene, tmp_path, ca
     out = tmp_path / "chips"
     with caplog.at_level(logging.INFO, logger="geoseg_cli"):
         tile([scene["image"]], [vectors], out, size=32, class_value=3)
-    assert "has no CRS: taking its coordinates to be in the image CRS" in caplog.text
+    assert "coordinates outside lon/lat bounds: taking them to be in the image CRS" in caplog.text
     stats = json.loads((out / "stats.json").read_text())
     assert [c["name"] for c in stats["classes"]] == ["background", "class_1", "class_2", "class_3"]
     mosaic = mosaic_labels(out, (67, 93))
     assert (mosaic[30:40] == 3).all() and (mosaic[40:] == 0).all() and (mosaic[10:30] == 0).all()
+
+
+def test_vector_without_crs_in_lonlat_is_wgs84(scene, tmp_path, caplog) -> None:
+    """RFC 7946 GeoJSON (no crs member, lon/lat) over the UTM scene: reprojected."""
+    box = transform_geom(UTM_CRS, "EPSG:4326", _utm_box(0, 30, 93, 40))
+    vectors = write_geojson(tmp_path / "v.geojson", [(box, {})])
+    with caplog.at_level(logging.INFO, logger="geoseg_cli"):
+        tile([scene["image"]], [vectors], tmp_path / "chips", size=32)
+    assert "has no CRS and lon/lat coordinates: taking them as WGS 84" in caplog.text
+    mosaic = mosaic_labels(tmp_path / "chips", (67, 93))
+    assert (mosaic[31:39, 12:] == 1).all() and (mosaic[41:] == 0).all()
 
 
 def test_other_vector_formats_layers_and_errors(scene, tmp_path, caplog, monkeypatch) -> None:
