@@ -540,7 +540,7 @@ def predict_raster(
     """
     options = options or PredictOptions()
     output = Path(output)
-    extra = check_outputs(output, options)
+    extra = check_outputs(output, options, [source])
     with open_raster(source) as src:
         plan = make_plan(
             src,
@@ -596,14 +596,21 @@ def predict_raster(
     return PredictResult(output, extra["probabilities"], extra["vector"], ran, skipped, polygons)
 
 
-def check_outputs(output: Path, options: PredictOptions) -> dict[str, Path | None]:
+def check_outputs(
+    output: Path, options: PredictOptions, sources: Sequence[str | os.PathLike] = ()
+) -> dict[str, Path | None]:
     """Check the class map and the extra outputs the options ask for.
+
+    Args:
+        output: The class map.
+        options: The options (extra outputs, ``overwrite``).
+        sources: The input rasters, which no output may replace.
 
     Returns:
         ``{"probabilities": path or None, "vector": path or None}``.
 
     Raises:
-        UsageError: An unsupported vector format.
+        UsageError: An unsupported vector format, or an output that is an input.
         OutputError: An output exists (without ``overwrite``) or its folder is missing.
     """
     extra = {
@@ -621,7 +628,10 @@ def check_outputs(output: Path, options: PredictOptions) -> dict[str, Path | Non
             f"--vector {extra['vector']}: writing {suffix} needs the optional vector writer: "
             "pip install 'geoseg[vector]', or write .geojson"
         )
+    inputs = {Path(p).resolve() for p in sources if Path(p).exists()}
     for path in (output, *(p for p in extra.values() if p)):
+        if path.resolve() in inputs:
+            raise UsageError(f"{path} is an input raster; write the prediction elsewhere (-o)")
         check_output(path, options.overwrite)
     return extra
 
@@ -640,7 +650,7 @@ def predict_rasters(
     """
     per_output = [dataclasses.replace(options, vector=v) for v in vectors]
     for output, output_options in zip(outputs, per_output, strict=True):
-        check_outputs(output, output_options)
+        check_outputs(output, output_options, sources)
     for source, output, output_options in zip(sources, outputs, per_output, strict=True):
         yield predict_raster(engine, source, output, output_options)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +61,13 @@ class StandIn:
         self.fail_after = fail_after
         self.calls = self.images = 0
 
+    def interrupt(self) -> None:
+        raise KeyboardInterrupt  # Ctrl-C
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         assert batch.dtype == np.float32 and batch.shape[2] == batch.shape[3]
         if self.fail_after is not None and self.calls == self.fail_after:
-            raise KeyboardInterrupt
+            self.interrupt()
         self.calls += 1
         self.images += len(batch)
         return self.fn(batch)
@@ -415,6 +420,10 @@ def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoi
     result = run(["predict", image, "-m", str(tiny_checkpoint), "-o", str(existing)])
     assert result.exit_code == 1 and "pass --overwrite" in result.output
     assert existing.read_bytes() == b"keep me"
+    before = scene["image"].read_bytes()
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "-o", image, "--overwrite"])
+    assert result.exit_code == 2 and "scene.tif is an input raster; write the" in result.output
+    assert scene["image"].read_bytes() == before
     out = ["-o", str(tmp_path / "x.tif")]
     result = run(["predict", "--tta", image, "-m", str(tiny_checkpoint), *out])
     assert result.exit_code == 2 and "put --tta after the inputs" in result.output
@@ -454,8 +463,11 @@ def test_all_nodata_input_is_refused(make_raster, tmp_path):
     assert engine.calls == 0 and not (tmp_path / "empty_pred.tif").exists()
 
 
-def test_ctrl_c_leaves_no_output_and_no_temp(scene, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill", [False, True], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_no_output_and_no_temp(scene, tmp_path, monkeypatch, kill):
     engine = StandIn(pixelwise, fail_after=3)
+    if kill:
+        engine.interrupt = lambda: os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr("geoseg_cli.engine.load_engine", lambda path, device: engine)
     before = sorted(tmp_path.iterdir())
     out = tmp_path / "interrupted.tif"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -75,6 +77,9 @@ class GeosegGroup(click.Group):
             formatter.write_dl([(name, help_) for name, (_, help_) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             return super().invoke(ctx)
         except GeosegError as exc:
@@ -93,6 +98,13 @@ class GeosegGroup(click.Group):
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)"
             ) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
