@@ -180,15 +180,15 @@ class OnnxEngine:
         parts = {}
         for name in ("backbone", "head"):
             entry = split.get(name) if isinstance(split.get(name), dict) else {}
-            part = self.path.with_name(str(entry.get("file", "")))
-            if not entry.get("file") or not part.is_file():
-                log.info(
-                    "%s: its %s graph %s is not beside it; the shared engine is off",
-                    self.path,
-                    name,
-                    part.name,
-                )
+            # beside it under its own name (renamed with it), else under the exported name
+            names = [f"{self.path.stem}.{name}.onnx", str(entry.get("file") or "")]
+            found = [
+                self.path.with_name(n) for n in names if n and self.path.with_name(n).is_file()
+            ]
+            if not found:
+                log.debug("%s: no %s graph (%s) beside it", self.path, name, " or ".join(names))
                 return None, {}
+            part = found[0]
             if file_hash(part) != entry.get("sha256"):
                 log.warning(
                     "%s does not belong to %s (another SHA-256 than the export wrote): the "
