@@ -365,9 +365,16 @@ def test_many_inputs_into_folder_and_torchrun_sharding(scene, tiny_checkpoint, t
     assert sorted(p.name for p in outdir.iterdir()) == ["second_pred.tif"]
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    result = run([*args, "--overwrite"])
+    result = run([*args, "--overwrite", "--json"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in outdir.iterdir()) == ["scene_pred.tif", "second_pred.tif"]
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert [(r["input"], r["output"]) for r in records] == [
+        (str(scene["image"]), str(outdir / "scene_pred.tif")),
+        (str(second), str(outdir / "second_pred.tif")),
+    ]
+    # 67×93 px, window 32, stride 32: 3 × 3 windows, none of them nodata only
+    assert [(r["windows"], r["skipped"], r["probabilities"]) for r in records] == [(9, 0, None)] * 2
     np.testing.assert_array_equal(read(outdir / "scene_pred.tif")[0],
                                   read(outdir / "second_pred.tif")[0])  # fmt: skip
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from pathlib import Path
 
 import click
 
@@ -10,6 +13,7 @@ from geoseg_cli.cli.options import (
     bidx_opt,
     creation_options_opt,
     device_opt,
+    json_opt,
     overwrite_opt,
 )
 
@@ -131,6 +135,7 @@ class _OptionalChoice(click.Choice):
 )
 @creation_options_opt
 @overwrite_opt
+@json_opt
 def predict(
     inputs: tuple[str, ...],
     output: str | None,
@@ -150,8 +155,10 @@ def predict(
     vector: str | None,
     creation_options: dict[str, str],
     overwrite: bool,
+    as_json: bool,
 ) -> None:
-    """Segment rasters with a trained model; print the paths written.
+    """Segment rasters with a trained model; print the paths written (with --json, one
+    JSON object per input, a line each, as each finishes).
 
     Windows of size T slide with the given stride; softmax probabilities are blended with
     a smooth weight window, so there are no seams. Memory does not grow with the raster
@@ -202,7 +209,13 @@ def predict(
         overwrite=overwrite,
         engine=engine,
     )
-    for result in predict_rasters(runtime, inputs, outputs, vectors, options):
+    results = predict_rasters(runtime, inputs, outputs, vectors, options)
+    for source, result in zip(inputs, results, strict=True):
+        if as_json:
+            fields = dataclasses.asdict(result)
+            record = {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+            click.echo(json.dumps({"input": source, **record}))
+            continue
         for path in (result.output, result.probabilities, result.vector):
             if path is not None:
                 click.echo(path)
