@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from geoseg_cli.labels import (
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
 from geoseg_cli.progress import progress
-from geoseg_cli.raster import describe_grid, open_raster, same_grid
+from geoseg_cli.raster import describe_grid, nodata_value, open_raster, same_grid
 
 if TYPE_CHECKING:
     from geoseg_cli.checkpoint import ClassInfo
@@ -136,7 +135,7 @@ def evaluate(
                 ) from exc
         if table is None and polygons is None:  # a table's labels were checked as tile does
             with open_raster(label_path) as src:
-                nodata = None if src.nodata is None or math.isnan(src.nodata) else src.nodata
+                nodata = nodata_value(src)
             nodata_pixels, ignored = dropped
             pixels = pred_src.width * pred_src.height
             ignore = -1 if ignore_index is None else ignore_index
@@ -296,8 +295,9 @@ def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
     """Band 1 rows as int64 with nodata pixels set to -1 (no class, no prediction)."""
     raw = src.read(1, window=Window(0, row, src.width, rows))
     values = raw.astype(np.int64)
-    if src.nodata is not None and not math.isnan(src.nodata):
-        values[raw == src.nodata] = -1
+    nodata = nodata_value(src)
+    if nodata is not None:
+        values[raw == nodata] = -1
     return values
 
 

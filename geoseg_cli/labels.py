@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +49,7 @@ from geoseg_cli.raster import (
     crs_name,
     describe_grid,
     iter_row_windows,
+    nodata_value,
     open_raster,
     read_masked,
     same_grid,
@@ -362,7 +362,7 @@ class RasterLabels:
                     f"not {src.dtypes[0]}; give a 1-band class-index raster instead"
                 )
             self.colormap: dict[int, tuple[int, ...]] | None = None
-            self.nodata = None if src.nodata is None or math.isnan(src.nodata) else src.nodata
+            self.nodata = nodata_value(src)
             if not self.palette:
                 with contextlib.suppress(ValueError):  # no colour table
                     self.colormap = src.colormap(1)

@@ -256,6 +256,12 @@ def nodata_valid(data: np.ndarray, nodata: float) -> np.ndarray:
     return valid
 
 
+def nodata_value(src: rasterio.DatasetReader) -> float | None:
+    """The nodata value pixels can equal: None when it is unset or NaN."""
+    nodata = src.nodata
+    return None if nodata is None or np.isnan(nodata) else nodata
+
+
 def data_bands(src: rasterio.DatasetReader) -> list[int]:
     """The 1-based bands that hold data: all but alpha bands, which GDAL reads as the
     other bands' mask (as QGIS and rio-tiler do); every band when all are alpha."""
