@@ -200,6 +200,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: The file is missing, corrupt, foreign, or inconsistent.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = next((p for p in (path / "best.pt", path / "last.pt") if p.is_file()), None)
+        raise CheckpointError(
+            f"{path} is a folder; give a checkpoint file"
+            + (f", e.g. {hint}" if hint else " (a training run keeps best.pt and last.pt)")
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
     if not zipfile.is_zipfile(path):

@@ -61,6 +61,16 @@ def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
 
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"run is a folder.*best\.pt and last\.pt"):
+        load_checkpoint(run)
+    (run / "best.pt").write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match=r"run is a folder; give a checkpoint file, e\.g\. .*best\.pt"
+    ):
+        load_checkpoint(run)
+
 
 def test_inconsistent_metadata_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bad.pt"
