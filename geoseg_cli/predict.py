@@ -54,6 +54,7 @@ from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
     bounds_window,
+    check_creation_options,
     check_output,
     has_mask,
     nodata_valid,
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 
 #: Suffix of default output names: ``scene.tif`` → ``scene_pred.tif``.
 OUTPUT_SUFFIX = "_pred"
+#: File name endings of the class map (and so of the probabilities) written.
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
 #: Vector formats written by :func:`write_vector` with the standard library.
 VECTOR_SUFFIXES = (".geojson", ".json")
 #: Vector formats written through the optional ``pyogrio`` (single-file formats, so the
@@ -610,13 +613,20 @@ def check_outputs(
         ``{"probabilities": path or None, "vector": path or None}``.
 
     Raises:
-        UsageError: An unsupported vector format, or an output that is an input.
+        UsageError: An output not named .tif/.tiff, creation options GDAL rejects, an
+            unsupported vector format, or an output that is an input.
         OutputError: An output exists (without ``overwrite``) or its folder is missing.
     """
     extra = {
         "probabilities": probabilities_path(output) if options.probabilities else None,
         "vector": Path(options.vector) if options.vector else None,
     }
+    if output.suffix.lower() not in GEOTIFF_SUFFIXES:
+        raise UsageError(
+            f"{output}: predictions are GeoTIFFs; name the output .tif or .tiff "
+            "(or give an existing folder)"
+        )
+    check_creation_options(options.creation_options, "COG" if options.cog else "GTiff")
     suffix = extra["vector"].suffix.lower() if extra["vector"] else None
     if suffix is not None and suffix not in VECTOR_SUFFIXES + OGR_VECTOR_SUFFIXES:
         raise UsageError(
@@ -643,7 +653,9 @@ def predict_rasters(
     vectors: Sequence[Path | None],
     options: PredictOptions,
 ) -> Iterator[PredictResult]:
-    """Predict several rasters in turn, refusing existing outputs before the first starts.
+    """Predict several rasters in turn, refusing existing outputs, and inputs that are
+    unreadable or do not fit the model (bands, data type, ``--bounds``), before the first
+    starts.
 
     Yields:
         One result per source, as each finishes.
@@ -651,6 +663,12 @@ def predict_rasters(
     per_output = [dataclasses.replace(options, vector=v) for v in vectors]
     for output, output_options in zip(outputs, per_output, strict=True):
         check_outputs(output, output_options, sources)
+    if len(sources) > 1:
+        for source in sources:
+            with open_raster(source) as src:
+                select_bands(src, engine.info, options.bands)
+                if options.bounds:
+                    bounds_window(src, options.bounds)
     for source, output, output_options in zip(sources, outputs, per_output, strict=True):
         yield predict_raster(engine, source, output, output_options)
 

@@ -15,16 +15,20 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioIOError
+from rasterio.io import MemoryFile
+from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from geoseg_cli.errors import InputError, OutputError
+from geoseg_cli.errors import InputError, OutputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,74 @@ def output_profile(
     }
     profile.update({key.lower(): value for key, value in (creation_options or {}).items()})
     return profile
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of the log records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def check_creation_options(creation_options: dict[str, str], driver: str = "GTiff") -> None:
+    """Refuse GDAL creation options the driver would ignore or fail on, before any work.
+
+    GDAL only warns about an unknown option or a value it does not recognise and writes with
+    its defaults, so a typo (``--co COMPRES=LZW``) would go unnoticed. The options are tried
+    on a 16 × 16 in-memory copy; GDAL's other warnings about them (a value outside the
+    advised range, which GDAL still uses) are logged.
+
+    Args:
+        creation_options: ``--co`` options, upper- or lower-case keys.
+        driver: ``"GTiff"`` or ``"COG"``.
+
+    Raises:
+        UsageError: An option GDAL ignores or fails on, with GDAL's reason.
+    """
+    if not creation_options:
+        return
+    options = {key.upper(): value for key, value in creation_options.items()}
+    gdal_log, collect = logging.getLogger("rasterio._env"), _Collect()
+    level = gdal_log.level
+    gdal_log.addHandler(collect)
+    gdal_log.setLevel(logging.WARNING)
+    target = f"/vsimem/geoseg-co-{uuid.uuid4().hex}.tif"
+    profile = {"driver": "GTiff", "width": 16, "height": 16, "count": 1, "dtype": "uint8"}
+    refused = []
+    try:
+        with (
+            MemoryFile() as memory,
+            memory.open(**profile, transform=from_origin(0, 16, 1, 1)) as probe,
+        ):
+            probe.write(np.zeros((1, 16, 16), np.uint8))
+            rasterio.shutil.copy(probe, target, driver=driver, **options)
+    except Exception as exc:  # GDAL errors (rasterio._err) have no public base class
+        refused.append(str(exc))
+    finally:
+        gdal_log.removeHandler(collect)
+        gdal_log.setLevel(level)
+        with contextlib.suppress(Exception):  # nothing written, or a broken file
+            rasterio.shutil.delete(target)
+    given = " ".join(f"--co {key}={value}" for key, value in options.items())
+    for message in collect.messages:
+        if message.startswith("CPLE_IllegalArg") or "does not support creation" in message:
+            refused.append(message)
+    if not refused:
+        for message in collect.messages:
+            log.warning("%s: GDAL: %s", given, re.sub(r"^CPLE_\w+ in ", "", message))
+        return
+    reason = (
+        re.sub(r"^CPLE_\w+ in ", "", refused[-1]).strip().rstrip(".").removesuffix(", ignoring")
+    )
+    reason = reason.replace(f"{target}: ", "").replace(target, "the output")
+    raise UsageError(
+        f"{given}: {reason}; see the {driver} driver's creation options at "
+        f"https://gdal.org/en/stable/drivers/raster/{driver.lower()}.html"
+    )
 
 
 def bounds_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, float]) -> Window:

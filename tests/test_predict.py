@@ -403,6 +403,13 @@ def test_band_count_and_dtype_mismatch(make_raster, tiny_checkpoint, tmp_path):
     assert result.exit_code == 1
     assert "wide.tif has uint16 bands but the model was trained on uint8" in result.output
     assert not (tmp_path / "g.tif").exists() and not (tmp_path / "w.tif").exists()
+    # several inputs: one that does not fit stops the run before the first is predicted
+    fine = make_raster("fine.tif", np.ones((3, 40, 40), dtype=np.uint8))
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    result = run(["predict", str(fine), str(wide), "-m", str(tiny_checkpoint), "-o", f"{outdir}/"])
+    assert result.exit_code == 1 and "wide.tif has uint16 bands" in result.output
+    assert list(outdir.iterdir()) == []
 
 
 def test_uint16_single_band_model_with_band_selection(make_raster, tmp_path):
@@ -443,7 +450,16 @@ def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoi
     vector = str(tmp_path / "x.gpkg")
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
     assert result.exit_code == 2 and "pip install 'geoseg[vector]'" in result.output
-    assert not (tmp_path / "x.tif").exists()
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "x.png: predictions are GeoTIFFs; name the" in result.output
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--co", "COMPRES=LZW", *out])
+    assert result.exit_code == 2
+    assert "--co COMPRES=LZW: driver GTiff does not support creation option" in result.output
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--co", "ZLEVEL=99", *out])
+    assert result.exit_code == 2 and "ZLEVEL=99 value not recognised" in result.output
+    result = run(["predict", image, "-m", str(tiny_checkpoint), "--cog", "--co", "TILED=YES", *out])
+    assert result.exit_code == 2 and "driver COG does not support creation option" in result.output
+    assert not (tmp_path / "x.tif").exists() and not (tmp_path / "x.png").exists()
 
 
 def test_nodata_value_from_option_or_checkpoint(make_raster, tmp_path):
