@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
+
 import click
 from click.testing import CliRunner
 
 import geoseg_cli
-from geoseg_cli.cli import COMMANDS, GeosegGroup, cli
+from geoseg_cli.cli import COMMANDS, GeosegGroup, cli, configure_logging
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.progress import progress
 
 
 def test_version_matches_package() -> None:
@@ -65,3 +70,16 @@ def test_ctrl_c_is_a_clean_exit() -> None:
     result = CliRunner().invoke(_group_raising(KeyboardInterrupt()), ["boom"])
     assert result.exit_code == 1
     assert "interrupted" in result.output
+
+
+def test_log_lines_are_not_glued_to_a_progress_bar(monkeypatch) -> None:
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stderr)
+    configure_logging(0)
+    with progress(total=4, desc="windows") as bar:
+        bar.update(2)
+        logging.getLogger("geoseg_cli.predict").warning("careful")
+        bar.update(2)
+    lines = re.split(r"[\r\n]", stderr.getvalue())
+    assert "warning: careful" in lines  # a line of its own, not after the bar's text
+    assert any(line.startswith("windows:  50%") for line in lines)

@@ -17,6 +17,7 @@ import click
 from geoseg_cli import __version__
 from geoseg_cli.allocator import keep_freed_memory
 from geoseg_cli.errors import GeosegError, UsageError
+from geoseg_cli.progress import ProgressLogHandler
 
 log = logging.getLogger("geoseg_cli")
 
@@ -50,7 +51,7 @@ def configure_logging(verbosity: int) -> None:
         verbosity: -1 for quiet (warnings only), 0 for info, 1+ for debug.
     """
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = ProgressLogHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(message)s"))
     for name in ("geoseg_cli", "models"):
         logger = logging.getLogger(name)
