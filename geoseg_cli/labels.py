@@ -178,8 +178,13 @@ class ClassTable:
 
     def map_values(self, raw: np.ndarray) -> np.ndarray:
         """Map raw label values to class ids; other values (the ignore index, unless a class
-        claims it as its ``value``) → ignore."""
-        return self._lookup(raw.astype(np.int64, copy=False), self._values, ())
+        claims it as its ``value``, and NaN or infinite floats) → ignore."""
+        if raw.dtype.kind != "f":
+            return self._lookup(raw.astype(np.int64, copy=False), self._values, ())
+        finite = np.isfinite(raw)
+        ids = self._lookup(np.where(finite, raw, -1).astype(np.int64), self._values, ())
+        ids[~finite] = self.ignore_index
+        return ids
 
     def map_colors(self, rgb: np.ndarray) -> np.ndarray:
         """Map a 3×rows×cols uint8 RGB label array to class ids; unknown colours → ignore."""

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,35 @@ def test_mask_labels_with_nodata_zero_warn_that_the_background_is_dropped(
     stats = json.loads((tmp_path / "chips" / "stats.json").read_text())
     assert stats["class_counts"][0] == 0
     assert "class(es) class_0 have no pixel in the chips" in caplog.text
+
+
+def test_float_labels_with_nan_nodata(scene, make_raster, tmp_path: Path) -> None:
+    labels = np.zeros((67, 93), np.float32)
+    labels[:, 50:] = 2.0
+    labels[:8, :8] = np.nan  # nodata corner
+    path = make_raster("float_labels.tif", labels, nodata=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "invalid value ... in cast"
+        tile([scene["image"]], [path], tmp_path / "chips", size=32)
+    stats = json.loads((tmp_path / "chips" / "stats.json").read_text())
+    # class counts over the chips' label pixels (the image's nodata corner aside): 0 and 2
+    assert stats["class_counts"][1] == 0 and min(stats["class_counts"][::2]) > 0
+    with rasterio.open(tmp_path / "chips" / "labels" / "scene_00000_00000.tif") as ds:
+        first = ds.read(1)
+    # NaN corner (and the image's 10×12 nodata corner) ignored, class 0 elsewhere
+    assert (first[:8, :8] == 255).all() and set(np.unique(first[10:, 12:])) == {0}
+
+    labels[:8, :8] = 0.5
+    fractions = make_raster("fractions.tif", labels)
+    with pytest.raises(InputError, match=r"fractions\.tif: class-index labels must be whole"):
+        tile([scene["image"]], [fractions], tmp_path / "chips2", size=32)
+    labels[:8, :8] = np.nan  # NaN without a nodata value: not a label either
+    unmarked = make_raster("unmarked.tif", labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tile([scene["image"]], [unmarked], tmp_path / "chips3", size=32)
+    with rasterio.open(tmp_path / "chips3" / "labels" / "scene_00000_00000.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), first)
 
 
 def test_rgb_palette_labels_with_isprs_preset(make_raster, tmp_path: Path) -> None:
