@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,17 +194,23 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torchvision-format state dict, unwrapping common containers."""
+    """Load a torchvision-format state dict (``torch.save`` file or ``.safetensors``, as
+    timm downloads), unwrapping common containers."""
     if not path.is_file():
         raise WeightsError(f"{path}: no such backbone weights file; check the path")
-    try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{path}: not a readable PyTorch weights file ({first_line}); "
-            "save the ResNet state dict with torch.save(model.state_dict(), path)"
-        ) from exc
+    data: Any
+    if path.suffix.lower() == ".safetensors":
+        data = _read_safetensors(path)
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe files
+            # the loader's message only means something for a torch.save zip archive
+            detail = f" ({_first_line(exc)})" if zipfile.is_zipfile(path) else ""
+            raise WeightsError(
+                f"{path}: not a readable PyTorch weights file{detail}; save the ResNet state "
+                "dict with torch.save(model.state_dict(), path) or give a .safetensors file"
+            ) from exc
     for wrapper in ("state_dict", "model"):
         if isinstance(data, Mapping) and isinstance(data.get(wrapper), Mapping):
             data = data[wrapper]
@@ -224,6 +231,27 @@ def _name_keys(keys: list[str]) -> str:
     return shown + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise WeightsError(
+            f"{path}: reading .safetensors files needs the safetensors package "
+            "(pip install safetensors; timm installs it)"
+        ) from exc
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types
+        raise WeightsError(
+            f"{path}: not a readable .safetensors file ({_first_line(exc)})"
+        ) from exc
+
+
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load torchvision/timm ImageNet ResNet weights from a local file into a backbone.
 
@@ -236,7 +264,8 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Args:
         model: An :class:`~models.SCGNet` (its ``backbone`` is loaded) or a
             :class:`ResNetTrunk`.
-        path: ``.pth``/``.pt`` file holding a torchvision-format ResNet state dict.
+        path: ``.pth``/``.pt`` file (``torch.save``) or ``.safetensors`` file holding a
+            torchvision-format ResNet state dict.
 
     Raises:
         WeightsError: The file is unreadable, or a key is missing, unexpected or mis-shaped

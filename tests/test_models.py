@@ -371,6 +371,19 @@ def test_backbone_weights_load_and_are_used(tmp_path, torchvision_state) -> None
     )
 
 
+def test_backbone_weights_from_safetensors(tmp_path, torchvision_state) -> None:
+    from safetensors.torch import save_file
+
+    # as timm downloads them (layer4 and fc are ignored by the loader: left out, small file)
+    state = {k: v for k, v in torchvision_state.items() if not k.startswith(("layer4.", "fc."))}
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    model = create_model("scg-gcn", 6)
+    models.load_backbone_weights(model, path)
+    for key in ("conv1.weight", "layer3.5.bn3.running_var", "layer1.0.downsample.0.weight"):
+        torch.testing.assert_close(model.backbone.state_dict()[key], state[key])
+
+
 def test_backbone_weights_adapt_first_conv_to_four_bands(tmp_path, torchvision_state) -> None:
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision_state, path)
@@ -412,8 +425,11 @@ def test_backbone_weights_unreadable_file(tmp_path) -> None:
     with pytest.raises(WeightsError, match="no such backbone weights file"):
         models.load_backbone_weights(model, tmp_path / "absent.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match=r"junk\.pth: not a readable PyTorch weights file"):
+    with pytest.raises(WeightsError, match=r"junk\.pth: not a readable PyTorch weights file;"):
         models.load_backbone_weights(model, tmp_path / "junk.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable \.safetensors"):
+        models.load_backbone_weights(model, tmp_path / "junk.safetensors")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(WeightsError, match="not a state dict"):
         models.load_backbone_weights(model, tmp_path / "list.pth")

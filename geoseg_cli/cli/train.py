@@ -116,7 +116,10 @@ log = logging.getLogger(__name__)
     "--backbone-weights",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Local torchvision-format ImageNet ResNet weights (.pth); nothing is downloaded.",
+    help=(
+        "Local torchvision/timm ImageNet ResNet weights (.pth, or .safetensors with the "
+        "safetensors package); nothing is downloaded."
+    ),
 )
 @click.option(
     "--config",
