@@ -315,15 +315,40 @@ def _cut_source(
 def _assign_splits(
     chips: list[_Chip], n_sources: int, mode: str, val_fraction: float, seed: int
 ) -> None:
+    """Mark chips "val" or "train": whole images (``source``) or single chips (``random``).
+
+    By image, images are visited in a seeded random order and each is taken for validation
+    when that brings the validation chips nearer ``val_fraction`` of all chips (the
+    smallest image when none does), never leaving training without chips; so images of very
+    different sizes do not put most chips in validation.
+    """
     rng = np.random.default_rng([seed, 1])
     if mode == "source":
-        n_val = min(round(val_fraction * n_sources), n_sources - 1)
-        n_val = max(n_val, 1) if val_fraction > 0 and n_sources > 1 else n_val
-        val_sources = set(rng.permutation(n_sources)[:n_val].tolist())
+        per_source = np.bincount([c.source for c in chips], minlength=n_sources)
+        target, taken, val_sources = val_fraction * len(chips), 0, set()
+        for source in rng.permutation(n_sources).tolist():
+            n = per_source[source]
+            if taken + n < len(chips) and abs(taken + n - target) < abs(taken - target):
+                val_sources.add(source)
+                taken += n
+        candidates = [i for i, n in enumerate(per_source) if 0 < n < len(chips)]
+        if val_fraction > 0 and not val_sources and candidates:
+            smallest = min(candidates, key=lambda i: per_source[i])
+            val_sources, taken = {smallest}, per_source[smallest]
+        share = taken / len(chips)
+        if val_fraction > 0 and not val_sources:
+            log.warning("all chips come from one image: no validation chips; use --split random")
+        elif val_sources and not 0.5 * val_fraction <= share <= 1.5 * val_fraction:
+            log.warning(
+                "the %d validation image(s) hold %.0f%% of the chips (--val-fraction %g): "
+                "the images differ too much in size to split by image; use --split random or "
+                "more images",
+                len(val_sources),
+                100 * share,
+                val_fraction,
+            )
         for chip in chips:
             chip.split = "val" if chip.source in val_sources else "train"
-        if val_sources and not any(c.split == "val" for c in chips):
-            log.warning("the validation image(s) gave no chips: no validation chips")
     else:
         n_val = min(round(val_fraction * len(chips)), len(chips) - 1)
         for i in rng.permutation(len(chips))[:n_val]:
@@ -522,11 +547,6 @@ def tile(
                 "the images' nodata"
             )
         _assign_splits(chips, len(infos), mode, val_fraction, seed)
-        if not any(c.split == "train" for c in chips):
-            raise InputError(
-                "the training image(s) gave no chips; change --seed, lower --val-fraction or "
-                "use --split random"
-            )
         counts = _write_outputs(out, chips, infos, opts, None if count else stride)
     empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
     if empty:

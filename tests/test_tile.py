@@ -460,6 +460,33 @@ def test_split_by_source_and_cli_json(scene, make_raster, tmp_path: Path) -> Non
     assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
 
 
+def test_split_by_source_follows_the_chip_share(make_raster, tmp_path, caplog) -> None:
+    # one large image (24 chips of 32 px) and four small ones (1 chip each): by image count
+    # 20 % validation would be one image, maybe the large one (86 % of the chips)
+    big_image, big_labels = synthetic_scene(128, 192, seed=1)
+    images, labels = [make_raster("big.tif", big_image)], [make_raster("big_l.tif", big_labels)]
+    for i in range(4):
+        image, label = synthetic_scene(32, 32, seed=10 + i)
+        images.append(make_raster(f"small{i}.tif", image))
+        labels.append(make_raster(f"small{i}_l.tif", label))
+    for seed in range(4):
+        out = tmp_path / f"chips{seed}"
+        tile(images, labels, out, size=32, val_fraction=0.2, seed=seed, split="source")
+        rows = read_manifest(out)
+        val = [r for r in rows if r["split"] == "val"]
+        assert len(rows) == 28 and {Path(r["source"]).name for r in val} <= {
+            f"small{i}.tif" for i in range(4)
+        }
+        assert 1 <= len(val) <= 4  # nearest 20 % of 28 chips without the big image
+
+    with caplog.at_level(logging.WARNING, logger="geoseg_cli"):
+        tile(images[:2], labels[:2], tmp_path / "two", size=32, split="source")
+    assert "the 1 validation image(s) hold 4% of the chips (--val-fraction 0.2)" in caplog.text
+    assert [r["source"] for r in read_manifest(tmp_path / "two") if r["split"] == "val"] == [
+        str(images[1])
+    ]
+
+
 def test_expand_variadic_labels() -> None:
     args = ["a.tif", "b.tif", "--labels", "la.tif", "lb.tif", "-o", "out", "--json"]
     assert expand_variadic_option(args, "--labels") == [
