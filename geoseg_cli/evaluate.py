@@ -118,12 +118,16 @@ def evaluate(
             "choose a value outside the classes, e.g. 255"
         )
     with open_raster(pred_path) as pred_src:
+        if pred_src.count > 1:
+            raise InputError(
+                f"{pred_src.name} has {pred_src.count} bands, not a class map (one band of "
+                "class ids, as geoseg predict writes; is it the image, or a "
+                "_probabilities.tif?); give the prediction"
+            )
         _check_class_map(pred_src)
         if classes is None and num_classes is None:
             classes = _tagged_classes(pred_src)
             num_classes = None if classes is None else len(classes)
-        if pred_src.count > 1:
-            log.warning("%s has %d bands; scoring band 1", pred_src.name, pred_src.count)
         matrix = ConfusionMatrix(num_classes, ignore_index)
         with _label_reader(label_path, pred_src, table, polygons) as read_labels:
             try:

@@ -98,8 +98,11 @@ def test_grid_mismatch_is_an_error(tmp_path, hand_rasters):
     assert "not on the same grid" in result.output and "Traceback" not in result.output
 
 
-def test_label_outside_classes_and_bad_options(hand_rasters):
+def test_label_outside_classes_and_bad_options(hand_rasters, tmp_path):
     pred, labels = hand_rasters
+    image = write_raster(tmp_path / "image.tif", np.stack([PRED.astype(np.uint8)] * 3))
+    with pytest.raises(InputError, match=r"image\.tif has 3 bands, not a class map"):
+        evaluate(image, labels)
     with pytest.raises(InputError, match=r"label values \[2\] are outside the 2 classes"):
         evaluate(pred, labels, num_classes=2)
     with pytest.raises(UsageError, match="no such class"):
