@@ -361,10 +361,16 @@ def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, ca
             predict_raster(engine, source, out, options)
             with rasterio.open(out) as ds:
                 assert (ds.tags()["ENGINE"], ds.tags()["STRIDE"]) == (used, tagged)
+        # (48 / 16)² windows × 3 views: the window engine's plan points to the shared one
+        hint = PredictOptions(stride=16, tta="flip", engine="window")
+        predict_raster(engine, source, tmp_path / "hint.tif", hint)
     finally:
         logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
     assert "stride 20 rounded to 16" in caplog.text
     assert "stride 40 leaves the windows without overlap" in caplog.text  # 40 → 48 = T
+    # (48 / 20)² = 5.8 passes at stride 20 without TTA: no hint there
+    assert "runs the backbone about 6 times" not in caplog.text
+    assert "the window engine runs the backbone about 27 times per pixel" in caplog.text
     # 70 px + 2 × 16 px margin, padded to whole windows: 112 px wide rows
     assert "backbone once per pixel and view streamed over 112 px wide rows" in caplog.text
     grid = Grid(50, 70, 48, 16, 16)
