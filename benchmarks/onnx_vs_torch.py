@@ -51,7 +51,7 @@ from geoseg_cli.checkpoint import (
 )
 from geoseg_cli.demo import DEMO_CLASSES, DEMO_CRS, make_scene, scene_transform
 from geoseg_cli.engine import TorchEngine
-from geoseg_cli.export import export_onnx
+from geoseg_cli.export.onnx import export_onnx
 from geoseg_cli.onnx_engine import OnnxEngine
 from geoseg_cli.predict import PredictOptions, predict_raster
 

@@ -1,8 +1,4 @@
-"""The checkpoint contract between train, predict, evaluate and export (DESIGN.md §3).
-
-A checkpoint is one ``.pt`` file holding only tensors and plain Python containers, so it
-loads with ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
-"""
+"""The checkpoint contract between train, predict, evaluate and export (DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -13,26 +9,20 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from geoseg_cli import __version__
+from geoseg_cli.classes import ClassInfo
 from geoseg_cli.errors import CheckpointError, first_line
 from geoseg_cli.raster import atomic_output
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
 #: Top-level keys that only matter for ``--resume``.
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_metric")
-
-
-@dataclass
-class ClassInfo:
-    """One output class: its name and RGB display colour."""
-
-    name: str
-    color: tuple[int, int, int]
 
 
 @dataclass
@@ -91,7 +81,7 @@ class ModelInfo:
             "format_version": self.format_version,
             "geoseg_version": self.geoseg_version,
             "model": dataclasses.asdict(self.model),
-            "classes": [{"name": c.name, "color": list(c.color)} for c in self.classes],
+            "classes": [c.describe() for c in self.classes],
             "ignore_index": self.ignore_index,
             "input": dataclasses.asdict(self.input),
             "window": self.window,
@@ -180,6 +170,8 @@ def _require(data: dict, key: str, kind: type | tuple[type, ...], path: Path) ->
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     """Write ``ckpt`` atomically (temp file + rename), replacing any existing file."""
+    import torch
+
     with atomic_output(path, overwrite=True) as tmp:
         torch.save(ckpt.to_dict(), tmp)
 
@@ -196,9 +188,13 @@ def checkpoint_from_dict(data: Any, path: str | os.PathLike = "<checkpoint>") ->
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load and validate a checkpoint file on the CPU with ``weights_only=True``.
 
+    A checkpoint holds only tensors and plain containers: opening one never runs code.
+
     Raises:
         CheckpointError: The file is missing, corrupt, foreign, or inconsistent.
     """
+    import torch
+
     path = Path(path)
     if path.is_dir():
         hint = next((p for p in (path / "best.pt", path / "last.pt") if p.is_file()), None)

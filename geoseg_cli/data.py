@@ -1,28 +1,9 @@
-"""Training data: the ``geoseg tile`` output folder (chips, manifest, stats) as torch Datasets.
-
-Folder contract (written by ``geoseg tile``)::
-
-    CHIPS_DIR/images/<chip_id>.tif   image chip, selected bands, source dtype
-    CHIPS_DIR/labels/<chip_id>.tif   uint8 class ids, ignore_index where unlabelled/nodata
-    CHIPS_DIR/manifest.csv           chip_id,image,label,source,col_off,row_off,width,height,
-                                     split,nodata_fraction,count_<class>...
-    CHIPS_DIR/stats.json             bands, dtype, scale, mean, std, nodata, resolution, crs,
-                                     classes, ignore_index, class_weights, size, stride ...
-
-The model sees ``(raw · scale − mean) / std`` per band: exactly what
-:class:`~geoseg_cli.engine.InferenceModel` computes from ``raw · scale`` at inference.
-Augmentations are drawn from a generator seeded by (seed, epoch, chip index), so a batch
-does not depend on worker processes, ranks or where a resumed run restarted.
-"""
+"""Training data: the chips of a ``geoseg tile`` folder as a torch Dataset, standardized."""
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,143 +11,28 @@ import rasterio
 import torch
 from torch.utils.data import Dataset
 
-from geoseg_cli.checkpoint import ClassInfo, InputSpec
+from geoseg_cli.chips import ChipRecord, ChipStats
 from geoseg_cli.errors import InputError
-
-log = logging.getLogger(__name__)
-
-STATS_FORMAT_VERSION = 1
+from models import OUTPUT_STRIDE
 
 
-@dataclass(frozen=True)
-class ChipStats:
-    """The parts of ``stats.json`` that training needs.
-
-    Attributes:
-        input: Bands, dtype, scale, mean/std, nodata and resolution (the checkpoint's input).
-        classes: Class names and colours.
-        ignore_index: Label value of unlabelled pixels.
-        class_weights: Per-class weights for weighted cross-entropy.
-        size: Chip size in pixels.
-    """
-
-    input: InputSpec
-    classes: list[ClassInfo]
-    ignore_index: int
-    class_weights: list[float]
-    size: int
-
-
-@dataclass(frozen=True)
-class ChipRecord:
-    """One row of ``manifest.csv``."""
-
-    chip_id: str
-    image: Path
-    label: Path
-    split: str
-    width: int
-    height: int
-
-
-def load_stats(chips_dir: str | os.PathLike) -> ChipStats:
-    """Read and validate ``CHIPS_DIR/stats.json``.
-
-    Args:
-        chips_dir: A folder written by ``geoseg tile``, or its ``stats.json``.
-
-    Raises:
-        InputError: Missing, unreadable or inconsistent statistics.
-    """
-    path = Path(chips_dir)
-    path = path if path.suffix.lower() == ".json" else path / "stats.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; give a folder written by geoseg tile (CHIPS_DIR)")
-    try:
-        data = json.loads(path.read_text())
-        version = data.get("format_version", 1)
-        if version > STATS_FORMAT_VERSION:
-            raise InputError(f"{path}: stats format {version} is newer than this geoseg; upgrade")
-        input_spec = InputSpec(
-            bands=[int(b) for b in data["bands"]],
-            dtype=str(data["dtype"]),
-            scale=float(data["scale"]),
-            mean=[float(v) for v in data["mean"]],
-            std=[float(v) for v in data["std"]],
-            nodata=None if data.get("nodata") is None else float(data["nodata"]),
-            resolution=None if data.get("resolution") is None else float(data["resolution"]),
-        )
-        classes = [
-            ClassInfo(str(c["name"]), tuple(int(v) for v in c["color"])) for c in data["classes"]
-        ]
-        stats = ChipStats(
-            input=input_spec,
-            classes=classes,
-            ignore_index=int(data["ignore_index"]),
-            class_weights=[float(w) for w in data.get("class_weights") or [1.0] * len(classes)],
-            size=int(data["size"]),
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(
-            f"{path}: malformed statistics ({type(exc).__name__}: {exc}); re-run geoseg tile"
-        ) from exc
-    if not len(input_spec.bands) == len(input_spec.mean) == len(input_spec.std):
-        raise InputError(f"{path}: bands, mean and std differ in length; re-run geoseg tile")
-    if any(s <= 0 for s in input_spec.std):
-        raise InputError(f"{path}: a band has std ≤ 0 (constant band?); drop it with -b")
-    if len(stats.class_weights) != len(classes) or not classes:
-        raise InputError(f"{path}: class_weights do not match the classes; re-run geoseg tile")
-    return stats
-
-
-def read_manifest(chips_dir: str | os.PathLike) -> list[ChipRecord]:
-    """Rows of ``CHIPS_DIR/manifest.csv`` with paths resolved against ``chips_dir``.
-
-    Raises:
-        InputError: Missing manifest, missing columns or an unknown split.
-    """
-    chips_dir = Path(chips_dir)
-    path = chips_dir / "manifest.csv"
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; give a folder written by geoseg tile")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    records = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            record = ChipRecord(
-                chip_id=row["chip_id"],
-                image=chips_dir / row["image"],
-                label=chips_dir / row["label"],
-                split=row["split"],
-                width=int(row["width"]),
-                height=int(row["height"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(
-                f"{path}, line {line}: malformed row ({exc}); re-run geoseg tile"
-            ) from exc
-        if record.split not in ("train", "val"):
-            raise InputError(
-                f"{path}, line {line}: split {record.split!r} is neither train nor val"
-            )
-        records.append(record)
-    return records
-
-
-def ceil16(size: int) -> int:
-    """The smallest multiple of 16 (the network's stride) that is ≥ ``size``."""
-    return -(-size // 16) * 16
+def ceil_to_stride(size: int) -> int:
+    """The smallest multiple of the network's output stride that is ≥ ``size``."""
+    return -(-size // OUTPUT_STRIDE) * OUTPUT_STRIDE
 
 
 class ChipDataset(Dataset):
     """Standardized image chips and labels, cropped or padded to ``size``.
 
-    Items are ``(image, label)``: float32 C×size×size and int64 size×size. A chip larger
-    than ``size`` is cropped (at a random place with ``random_crop``, else centred); a
-    smaller one is padded (image 0 after standardization, label ``ignore_index``).
+    Items are ``(image, label)``: float32 C×size×size and int64 size×size. The model sees
+    ``(raw · scale − mean) / std`` per band, what the inference graph computes from
+    ``raw · scale``. A chip larger than ``size`` is cropped (at a random place with
+    ``random_crop``, else centred); a smaller one is padded (image 0 after standardization,
+    label ``ignore_index``). Augmentations are drawn from a generator seeded by (seed,
+    epoch, chip index), so a batch does not depend on workers, ranks or a resume.
 
     Args:
+        chips_dir: The chips folder.
         records: The chips.
         stats: Statistics of the chip folder (scaling, classes, ignore index).
         size: Output size in pixels.
@@ -178,6 +44,7 @@ class ChipDataset(Dataset):
 
     def __init__(
         self,
+        chips_dir: str | os.PathLike,
         records: Sequence[ChipRecord],
         stats: ChipStats,
         size: int,
@@ -187,6 +54,7 @@ class ChipDataset(Dataset):
         rot90: bool = False,
         seed: int = 0,
     ) -> None:
+        self.chips_dir = Path(chips_dir)
         self.records = list(records)
         self.stats = stats
         self.size = size
@@ -228,10 +96,11 @@ class ChipDataset(Dataset):
 
     def _read(self, record: ChipRecord) -> tuple[np.ndarray, np.ndarray]:
         bands = len(self.stats.input.bands)
+        image_path, label_path = record.image(self.chips_dir), record.label(self.chips_dir)
         try:
-            with rasterio.open(record.image) as src:
+            with rasterio.open(image_path) as src:
                 raw = src.read()
-            with rasterio.open(record.label) as src:
+            with rasterio.open(label_path) as src:
                 label = src.read(1)
         except rasterio.errors.RasterioIOError as exc:
             raise InputError(
@@ -239,16 +108,16 @@ class ChipDataset(Dataset):
             ) from exc
         if raw.shape[0] != bands:
             raise InputError(
-                f"{record.image}: {raw.shape[0]} bands but stats.json lists {bands}; "
+                f"{image_path}: {raw.shape[0]} bands but stats.json lists {bands}; "
                 "re-run geoseg tile"
             )
         if label.shape != raw.shape[1:]:
-            raise InputError(f"{record.label}: size differs from its image chip; re-run tile")
+            raise InputError(f"{label_path}: size differs from its image chip; re-run tile")
         num_classes = len(self.stats.classes)
         bad = (label >= num_classes) & (label != self.stats.ignore_index)
         if bad.any():
             raise InputError(
-                f"{record.label}: label values {np.unique(label[bad])[:5].tolist()} are "
+                f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
                 f"outside the {num_classes} classes; re-run geoseg tile"
             )
         image = (raw.astype(np.float32) * self._scale - self._mean) / self._std

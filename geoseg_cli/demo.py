@@ -233,10 +233,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     Returns:
         Paths, held-out scores, ONNX/PyTorch agreement and timings.
     """
-    from geoseg_cli.engine import load_engine
     from geoseg_cli.evaluate import evaluate
-    from geoseg_cli.export import export_onnx
-    from geoseg_cli.predict import PredictOptions, predict_raster
+    from geoseg_cli.export.onnx import export_onnx
+    from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
     from geoseg_cli.tiling import tile
     from geoseg_cli.train import train
     from geoseg_cli.train_config import TrainConfig
@@ -288,8 +287,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
             )
         pred = out / "scene_heldout_pred.tif"
         with timer.step("predict", "predicting the held-out scene with flip TTA"):
-            engine = load_engine(run.best_path, config.device)
-            predict_raster(engine, test_image, pred, PredictOptions(tta="flip", batch_size=8))
+            runtime = load_runtime(run.best_path, config.device)
+            predict_raster(runtime, test_image, pred, PredictOptions(tta="flip", batch_size=8))
         with timer.step("evaluate", "scoring the held-out prediction"):
             metrics = evaluate(pred, test_labels, classes=[c.name for c in DEMO_CLASSES])
             (out / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2))
@@ -299,7 +298,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         onnx_pred = out / "scene_heldout_pred_onnx.tif"
         with timer.step("predict_onnx", "predicting the held-out scene with ONNX Runtime"):
             predict_raster(
-                load_engine(onnx_path, config.device),
+                load_runtime(onnx_path, config.device),
                 test_image,
                 onnx_pred,
                 PredictOptions(tta="flip", batch_size=8),

@@ -16,30 +16,19 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geoseg_cli.classes import PRESETS, ClassInfo, ClassTable, load_classes
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import (
-    PRESETS,
-    ClassTable,
-    LabelClass,
-    RasterLabels,
-    VectorLabels,
-    is_vector_path,
-    load_classes,
-    warn_unscored_labels,
-)
+from geoseg_cli.labels import RasterLabels, VectorLabels, warn_unscored_labels
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import describe_grid, nodata_value, open_raster, same_grid
-
-if TYPE_CHECKING:
-    from geoseg_cli.checkpoint import ClassInfo
+from geoseg_cli.vector import is_vector_path
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +258,7 @@ def resolve_classes(spec: str, ignore_index: int | None = None) -> ClassTable | 
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: not valid JSON ({exc})") from exc
         if isinstance(doc, dict) and "bands" in doc:  # stats.json of geoseg tile
-            from geoseg_cli.data import load_stats
+            from geoseg_cli.chips import load_stats
 
             stats = load_stats(path)
             return _positional_table(stats.classes, stats.ignore_index, ignore_index, spec)
@@ -289,7 +278,7 @@ def _positional_table(
 ) -> ClassTable:
     """The class table of a checkpoint or stats.json: class ``i`` is label value ``i``."""
     return ClassTable(
-        [LabelClass(c.name, c.color, i) for i, c in enumerate(classes)],
+        [ClassInfo(c.name, c.color) for c in classes],
         ignore_index if override is None else override,
         source=source,
     )

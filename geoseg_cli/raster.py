@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,10 +25,10 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioIOError, WindowError
 from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 
 from geoseg_cli.errors import InputError, OutputError, UsageError
 
@@ -77,7 +79,9 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
 
     Works for files and folders: whatever the body creates at the temporary path is moved
-    into place when the body returns, and removed if it raises (including Ctrl-C).
+    into place when the body returns, and removed if it raises (including Ctrl-C). Files
+    the body writes beside it under the same stem (a Shapefile's ``.shx``, ``.dbf``,
+    ``.prj``) are moved along.
 
     Args:
         path: Final output path.
@@ -93,6 +97,9 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         yield tmp
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
+        for sidecar in Path(tmp_dir).glob(f"{glob.escape(final.stem)}.*"):
+            if sidecar != tmp:
+                os.replace(sidecar, final.with_name(sidecar.name))
         os.replace(tmp, final)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -301,20 +308,27 @@ def bounds_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float
     Partial pixels are included; the window is clipped to the raster.
 
     Raises:
+        UsageError: ``left >= right`` or ``bottom >= top``.
         InputError: The bounds do not overlap the raster.
     """
     left, bottom, right, top = bounds
-    inverse = ~src.transform
-    xs, ys = zip(*(inverse @ (x, y) for x in (left, right) for y in (bottom, top)), strict=True)
-    col0, row0 = max(0, int(np.floor(min(xs) + 1e-6))), max(0, int(np.floor(min(ys) + 1e-6)))
-    col1 = min(src.width, int(np.ceil(max(xs) - 1e-6)))
-    row1 = min(src.height, int(np.ceil(max(ys) - 1e-6)))
-    if col1 <= col0 or row1 <= row0:
+    if left >= right or bottom >= top:
+        raise UsageError(
+            f"--bounds {' '.join(f'{v:g}' for v in bounds)}: give LEFT BOTTOM RIGHT TOP with "
+            "left < right and bottom < top"
+        )
+    # rounded to a millionth of a pixel so that float noise does not add a row or column
+    window = from_bounds(left, bottom, right, top, transform=src.transform).round(6)
+    (row0, row1), (col0, col1) = window.toranges()
+    col, row = math.floor(col0), math.floor(row0)
+    whole = Window(col, row, math.ceil(col1) - col, math.ceil(row1) - row)
+    try:
+        return whole.intersection(Window(0, 0, src.width, src.height))
+    except WindowError:
         raise InputError(
             f"{src.name}: bounds {bounds} do not overlap the raster {tuple(src.bounds)}; "
             "give --bounds in the raster's CRS"
-        )
-    return Window(col0, row0, col1 - col0, row1 - row0)
+        ) from None
 
 
 def nodata_valid(data: np.ndarray, nodata: float) -> np.ndarray:

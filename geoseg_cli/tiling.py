@@ -1,27 +1,11 @@
-"""Cut images and their labels into georeferenced training chips (DESIGN.md §4).
-
-Output folder (the contract ``geoseg train`` reads)::
-
-    OUTDIR/
-      images/<chip_id>.tif   image chip: selected bands, source dtype, nodata and CRS,
-                             transform = the source window's transform
-      labels/<chip_id>.tif   class ids (uint8, uint16 above 255), nodata = ignore index
-      manifest.csv           one row per chip: paths, source, window, split, nodata
-                             fraction, count_<class> per class
-      stats.json             band scale/mean/std (train chips), classes, class weights ...
-
-The folder is built under a temporary name and renamed on success, so a failed or
-interrupted run leaves nothing behind.
-"""
+"""Cut images and their labels into georeferenced training chips (DESIGN.md §4)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -31,14 +15,11 @@ import rasterio
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
+from geoseg_cli.checkpoint import InputSpec
+from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, write_chips_index
+from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import (
-    ClassTable,
-    LabelSource,
-    is_vector_path,
-    open_labels,
-    resolve_classes,
-)
+from geoseg_cli.labels import LabelSource, open_labels, resolve_classes
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
@@ -48,11 +29,18 @@ from geoseg_cli.raster import (
     open_raster,
     read_masked,
 )
+from geoseg_cli.vector import is_vector_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: Validation split rules: whole images (``source``) or single chips (``random``).
 SPLITS = ("source", "random")
+#: Chip size in pixels (the paper's training window).
+DEFAULT_SIZE = 448
+#: Chips with a larger nodata fraction are skipped.
+DEFAULT_MAX_NODATA = 0.5
+#: Share of validation data.
+DEFAULT_VAL_FRACTION = 0.2
 #: Random draws allowed per requested random chip (nodata draws are replaced).
 RANDOM_ATTEMPTS = 20
 
@@ -133,15 +121,13 @@ class _Image:
 
 @dataclass
 class _Chip:
-    chip_id: str
+    """A written chip: its manifest row, its image's index and its band moments."""
+
+    record: ChipRecord
     source: int
-    window: Window
-    nodata_fraction: float
-    counts: np.ndarray
     n: int
     mean: np.ndarray
     m2: np.ndarray
-    split: str = field(default="train")
 
 
 @dataclass
@@ -261,36 +247,31 @@ def _cut_source(
                 continue
             ids = read_labels(window)
             ids[~valid] = table.ignore_index
-            chip_id = f"{image.prefix}_{int(window.row_off):05d}_{int(window.col_off):05d}"
-            with _open_chip(
-                out / "images" / f"{chip_id}.tif", src, window, count=len(opts.bands),
-                dtype=image.dtype, nodata=src.nodata,
-            ) as dst:  # fmt: skip
+            labelled = ids[ids != table.ignore_index]
+            record = ChipRecord(
+                chip_id=f"{image.prefix}_{int(window.row_off):05d}_{int(window.col_off):05d}",
+                source=image.path,
+                col_off=int(window.col_off),
+                row_off=int(window.row_off),
+                width=int(window.width),
+                height=int(window.height),
+                nodata_fraction=fraction,
+                counts=np.bincount(labelled, minlength=len(table.classes)).tolist(),
+            )
+            image_profile = {"count": len(opts.bands), "dtype": image.dtype, "nodata": src.nodata}
+            with _open_chip(record.image(out), src, window, **image_profile) as dst:
                 dst.write(data)
                 if src.nodata is None and n_valid < valid.size:
                     dst.write_mask(valid)
-            with _open_chip(
-                out / "labels" / f"{chip_id}.tif", src, window, count=1, dtype=table.dtype,
-                nodata=table.ignore_index,
-            ) as dst:  # fmt: skip
+            label_profile = {"count": 1, "dtype": table.dtype, "nodata": table.ignore_index}
+            with _open_chip(record.label(out), src, window, **label_profile) as dst:
                 dst.write(ids, 1)
                 if table.dtype == "uint8":
                     dst.write_colormap(1, {i: (*c.color, 255) for i, c in enumerate(table.classes)})
             scaled = data[:, valid].astype(np.float64) * opts.scale
             mean = scaled.mean(axis=1)
-            labelled = ids[ids != table.ignore_index]
-            chips.append(
-                _Chip(
-                    chip_id,
-                    index,
-                    window,
-                    fraction,
-                    np.bincount(labelled, minlength=len(table.classes)),
-                    n_valid,
-                    mean,
-                    ((scaled - mean[:, np.newaxis]) ** 2).sum(axis=1),
-                )
-            )
+            m2 = ((scaled - mean[:, np.newaxis]) ** 2).sum(axis=1)
+            chips.append(_Chip(record, index, n_valid, mean, m2))
             if quota is not None:
                 bar.update()
                 if len(chips) == quota:
@@ -348,18 +329,18 @@ def _assign_splits(
                 val_fraction,
             )
         for chip in chips:
-            chip.split = "val" if chip.source in val_sources else "train"
+            chip.record.split = "val" if chip.source in val_sources else "train"
     else:
         n_val = min(round(val_fraction * len(chips)), len(chips) - 1)
         for i in rng.permutation(len(chips))[:n_val]:
-            chips[i].split = "val"
+            chips[i].record.split = "val"
 
 
 def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float]]:
     """Merge per-chip (n, mean, M2) of train chips (Chan et al.) into mean and std."""
     n, mean, m2 = 0, np.zeros(bands), np.zeros(bands)
     for chip in chips:
-        if chip.split != "train":
+        if chip.record.split != "train":
             continue
         total = n + chip.n
         delta = chip.mean - mean
@@ -380,37 +361,17 @@ def class_weights(counts: np.ndarray) -> tuple[list[float], list[float]]:
     return freq.tolist(), weights.tolist()
 
 
-def _write_outputs(
+def _write_index(
     out: Path,
     chips: list[_Chip],
     infos: list[_Image],
     opts: _Options,
     stride: int | None,
 ) -> np.ndarray:
+    """Write manifest.csv and stats.json; return the train chips' class counts."""
     table = opts.table
-    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        header = ["chip_id", "image", "label", "source", "col_off", "row_off", "width", "height"]
-        writer.writerow([*header, "split", "nodata_fraction"] + [f"count_{n}" for n in table.names])
-        for c in chips:
-            w = c.window
-            writer.writerow(
-                [
-                    c.chip_id,
-                    f"images/{c.chip_id}.tif",
-                    f"labels/{c.chip_id}.tif",
-                    infos[c.source].path,
-                    int(w.col_off),
-                    int(w.row_off),
-                    int(w.width),
-                    int(w.height),
-                    c.split,
-                    round(c.nodata_fraction, 6),
-                    *c.counts.tolist(),
-                ]
-            )
-    train = [c for c in chips if c.split == "train"]
-    counts = np.sum([c.counts for c in train], axis=0).astype(np.int64)
+    train = [c for c in chips if c.record.split == "train"]
+    counts = np.sum([c.record.counts for c in train], axis=0).astype(np.int64)
     frequencies, weights = class_weights(counts)
     mean, std = _band_stats(chips, len(opts.bands))
     with open_raster(infos[0].path) as src:
@@ -420,26 +381,19 @@ def _write_outputs(
         log.info(
             "geographic CRS: resolution %.3f m is approximate (at the centre latitude)", resolution
         )
-    stats = {
-        "format_version": FORMAT_VERSION,
-        "bands": opts.bands,
-        "dtype": infos[0].dtype,
-        "scale": opts.scale,
-        "mean": mean,
-        "std": std,
-        "nodata": nodata,
-        "resolution": resolution,
-        "crs": crs.to_wkt() if crs else None,
-        "classes": table.describe(),
-        "ignore_index": table.ignore_index,
-        "class_counts": counts.tolist(),
-        "class_frequencies": frequencies,
-        "class_weights": weights,
-        "size": opts.size,
-        "stride": stride,
-        "num_chips": {"train": len(train), "val": len(chips) - len(train)},
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    stats = ChipStats(
+        input=InputSpec(opts.bands, infos[0].dtype, opts.scale, mean, std, nodata, resolution),
+        classes=table.classes,
+        ignore_index=table.ignore_index,
+        class_counts=counts.tolist(),
+        class_frequencies=frequencies,
+        class_weights=weights,
+        size=opts.size,
+        stride=stride,
+        crs=crs.to_wkt() if crs else None,
+        num_chips={"train": len(train), "val": len(chips) - len(train)},
+    )
+    write_chips_index(out, [c.record for c in chips], stats)
     return counts
 
 
@@ -448,15 +402,15 @@ def tile(
     labels: list[str],
     outdir: str | os.PathLike,
     *,
-    size: int = 448,
+    size: int = DEFAULT_SIZE,
     stride: int | None = None,
     count: int | None = None,
     classes: str | os.PathLike | None = None,
     class_field: str | None = None,
     class_value: int | None = None,
     bidx: list[int] | None = None,
-    max_nodata: float = 0.5,
-    val_fraction: float = 0.2,
+    max_nodata: float = DEFAULT_MAX_NODATA,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     split: str | None = None,
     seed: int = 0,
     ignore_index: int | None = None,
@@ -530,8 +484,8 @@ def tile(
     chips: list[_Chip] = []
     skipped = 0
     with atomic_output(outdir, overwrite) as out:
-        (out / "images").mkdir(parents=True)
-        (out / "labels").mkdir()
+        (out / IMAGES).mkdir(parents=True)
+        (out / LABELS).mkdir()
         with progress(total=total, desc="tile", unit="chip") as bar:
             for index, ((info, source), (windows, quota)) in enumerate(
                 zip(pairs, plans, strict=True)
@@ -547,7 +501,7 @@ def tile(
                 "the images' nodata"
             )
         _assign_splits(chips, len(infos), mode, val_fraction, seed)
-        counts = _write_outputs(out, chips, infos, opts, None if count else stride)
+        counts = _write_index(out, chips, infos, opts, None if count else stride)
     empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
     if empty:
         log.warning(
@@ -556,7 +510,7 @@ def tile(
             "their 0 scores lower the mean: check the labels or give a classes file",
             ", ".join(empty),
         )
-    n_val = sum(c.split == "val" for c in chips)
+    n_val = sum(c.record.split == "val" for c in chips)
     summary = TileSummary(
         output=str(outdir),
         num_chips={"train": len(chips) - n_val, "val": n_val},

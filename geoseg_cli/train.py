@@ -47,8 +47,9 @@ from geoseg_cli.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from geoseg_cli.data import ChipDataset, ChipStats, ceil16, load_stats, read_manifest
-from geoseg_cli.engine import resolve_device
+from geoseg_cli.chips import ChipStats, load_stats, read_manifest
+from geoseg_cli.data import ChipDataset, ceil_to_stride
+from geoseg_cli.distributed import Torchrun, resolve_device, torchrun_env
 from geoseg_cli.errors import CheckpointError, GeosegError, InputError, OutputError, UsageError
 from geoseg_cli.metrics import ConfusionMatrix, Metrics
 from geoseg_cli.progress import progress
@@ -104,39 +105,27 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class _Dist(Torchrun):
+    """The torchrun environment, and whether this run created the process group."""
+
     owns_group: bool = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def barrier(self) -> None:
+        """Wait for every rank."""
         if self.enabled:
             dist.barrier()
 
 
-def _start_distributed(device_kind: str) -> _Dist:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+def _start_distributed(env: Torchrun, device_kind: str) -> _Dist:
+    """Join the torchrun process group when several processes run."""
+    if not env.enabled:
         return _Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_kind == "cuda":
-        torch.cuda.set_device(local_rank)
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group(
             "nccl" if device_kind == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60)
         )
-    return _Dist(rank, world_size, local_rank, owns_group)
+    return _Dist(env.rank, env.world_size, env.local_rank, owns_group)
 
 
 # --- RNG state as plain containers (loadable with weights_only=True) -------------------------
@@ -250,9 +239,13 @@ def make_scheduler(
 
     def factor(step: int) -> float:
         return lr_factor(
-            step, steps_per_epoch, total, config.poly_power, config.lr_step_epochs,
+            step,
+            steps_per_epoch,
+            total,
+            config.poly_power,
+            config.lr_step_epochs,
             config.lr_step_gamma,
-        )  # fmt: skip
+        )
 
     return LambdaLR(optimizer, factor)
 
@@ -339,12 +332,18 @@ class _Trainer:
         )
 
         self.train_set = ChipDataset(
-            train_records, self.stats, config.window, random_crop=True, flips=config.flips,
-            rot90=config.rot90, seed=config.seed,
-        )  # fmt: skip
+            config.chips_dir,
+            train_records,
+            self.stats,
+            config.window,
+            random_crop=True,
+            flips=config.flips,
+            rot90=config.rot90,
+            seed=config.seed,
+        )
         self.num_val = len(val_records)
-        val_size = ceil16(max(max(r.width, r.height) for r in val_records))
-        val_set = ChipDataset(val_records[ctx.rank :: ctx.world_size], self.stats, val_size)
+        val_size = ceil_to_stride(max(max(r.width, r.height) for r in val_records))
+        val_set = ChipDataset(config.chips_dir, ctx.shard(val_records), self.stats, val_size)
         self.sampler = DistributedSampler(
             self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=config.seed
         )
@@ -432,16 +431,21 @@ class _Trainer:
                 log.warning(
                     "%s was written by %d process(es), this run has %d: random streams are "
                     "re-seeded, so the run is not bit-identical to an uninterrupted one",
-                    path, len(ranks), self.ctx.world_size,
-                )  # fmt: skip
+                    path,
+                    len(ranks),
+                    self.ctx.world_size,
+                )
             _seed_everything(self.config.seed + 1000 * self.epoch + self.ctx.rank)
         if self.steps_per_epoch * self.epoch != self.step and self.ctx.is_main:
             log.warning("steps per epoch changed since the run started; the LR schedule shifts")
         self.history = [row for row in _read_history(self.run_dir) if row["epoch"] <= self.epoch]
         self._log(
-            "resuming %s at epoch %d/%d (step %d)", path, self.epoch + 1, self.config.epochs,
+            "resuming %s at epoch %d/%d (step %d)",
+            path,
+            self.epoch + 1,
+            self.config.epochs,
             self.step,
-        )  # fmt: skip
+        )
 
     def _checkpoint(self, training: dict[str, Any]) -> Checkpoint:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -474,12 +478,18 @@ class _Trainer:
         self._log(
             "training %s/%s on %s%s%s: %d train / %d val chips, window %d, batch %d, "
             "%d steps per epoch, loss %s",
-            config.variant, config.backbone, self.device,
+            config.variant,
+            config.backbone,
+            self.device,
             f" x{self.ctx.world_size} processes" if self.ctx.enabled else "",
             f", AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "",
-            len(self.train_set), self.num_val,
-            config.window, config.batch_size, self.steps_per_epoch, config.loss,
-        )  # fmt: skip
+            len(self.train_set),
+            self.num_val,
+            config.window,
+            config.batch_size,
+            self.steps_per_epoch,
+            config.loss,
+        )
         for epoch in range(self.epoch, config.epochs):
             started = time.perf_counter()
             self.sampler.set_epoch(epoch)
@@ -599,8 +609,11 @@ class _Trainer:
         """Rank 0: metrics.csv, best.pt (if improved), last.pt, curves.png."""
         value = record[self.config.best_metric]
         if not math.isfinite(value):
-            log.warning("validation %s is %s: do the val chips have labelled pixels?",
-                        self.config.best_metric, value)  # fmt: skip
+            log.warning(
+                "validation %s is %s: do the val chips have labelled pixels?",
+                self.config.best_metric,
+                value,
+            )
         improved = math.isfinite(value) and (self.best_value is None or value > self.best_value)
         if improved:
             self.best_value = value
@@ -620,11 +633,18 @@ class _Trainer:
         log.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, mF1 %.4f, mIoU %.4f "
             "(best %s %.4f)%s [%.1f s]",
-            self.epoch, self.config.epochs, record["train_loss"], record["val_loss"],
-            record["oa"], record["mf1"], record["miou"], self.config.best_metric,
+            self.epoch,
+            self.config.epochs,
+            record["train_loss"],
+            record["val_loss"],
+            record["oa"],
+            record["mf1"],
+            record["miou"],
+            self.config.best_metric,
             self.best_value if self.best_value is not None else float("nan"),
-            " *" if improved else "", record["seconds"],
-        )  # fmt: skip
+            " *" if improved else "",
+            record["seconds"],
+        )
 
     def _non_finite_error(self, epoch: int, value: float) -> GeosegError:
         last = self.run_dir / "last.pt"
@@ -757,11 +777,10 @@ def train(
             became NaN/inf (``last.pt`` of the previous epoch is kept).
     """
     config.validate()
-    device = resolve_device(config.device)
-    ctx = _start_distributed(device.type)
+    env = torchrun_env()
+    device = resolve_device(config.device, env)
+    ctx = _start_distributed(env, device.type)
     try:
-        if ctx.enabled and device.type == "cuda":
-            device = torch.device("cuda", ctx.local_rank)
         config = dataclasses.replace(
             config,
             output=Path(config.output).absolute(),

@@ -1,6 +1,4 @@
-"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch.
-
-This package is geoseg's internal model library; import it through geoseg, not directly.
+"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch, geoseg's internal model library.
 
 Example:
     >>> import torch
@@ -9,7 +7,14 @@ Example:
     >>> logits = model(torch.rand(1, 4, 448, 448))  # 1×6×448×448
 """
 
-from models.backbone import BACKBONES, ResNetTrunk, WeightsError, load_backbone_weights
+from models.backbone import (
+    BACKBONES,
+    OUTPUT_STRIDE,
+    ResNetTrunk,
+    WeightsError,
+    load_backbone_weights,
+)
+from models.inference import InferenceModel, InferencePart, mean_probabilities
 from models.losses import (
     LOSS_KINDS,
     LossOutput,
@@ -28,12 +33,18 @@ from models.registry import (
     get_variant,
     list_models,
 )
+from models.streaming import Dihedral, FeatureStream
 
 __all__ = [
     "BACKBONES",
     "DEFAULT_MODEL",
     "LOSS_KINDS",
+    "OUTPUT_STRIDE",
     "VARIANTS",
+    "Dihedral",
+    "FeatureStream",
+    "InferenceModel",
+    "InferencePart",
     "LossOutput",
     "ResNetTrunk",
     "SCGHead",
@@ -50,4 +61,5 @@ __all__ = [
     "get_variant",
     "list_models",
     "load_backbone_weights",
+    "mean_probabilities",
 ]

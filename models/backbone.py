@@ -22,6 +22,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
 
+#: Output stride of the trunk: features have one position per 16 × 16 input pixels, so
+#: windows and feature-grid offsets are multiples of it.
+OUTPUT_STRIDE = 16
+
 
 class WeightsError(ValueError):
     """A backbone weights file cannot be used (unreadable, wrong layout, wrong shapes)."""

@@ -135,7 +135,7 @@ def _confusion(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> list[l
 
 def test_rgb_labels_are_mapped_through_the_isprs_preset(tmp_path):
     """ISPRS ground truth is colour-coded: band 1 alone is not the class id."""
-    from geoseg_cli.labels import load_classes
+    from geoseg_cli.classes import load_classes
 
     colors = np.array([c.color for c in load_classes("isprs").classes], dtype=np.uint8)
     rng = np.random.default_rng(3)

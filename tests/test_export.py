@@ -19,7 +19,8 @@ import torch
 from click.testing import CliRunner
 from conftest import synthetic_scene, write_raster
 
-import geoseg_cli.export as export_module
+import geoseg_cli.export.metadata as metadata_module
+import geoseg_cli.export.onnx as export_module
 from geoseg_cli.checkpoint import (
     Checkpoint,
     ClassInfo,
@@ -30,17 +31,18 @@ from geoseg_cli.checkpoint import (
     save_checkpoint,
 )
 from geoseg_cli.cli import cli
-from geoseg_cli.engine import InferenceModel, TorchEngine
 from geoseg_cli.errors import CheckpointError, GeosegError, UsageError
-from geoseg_cli.export import (
+from geoseg_cli.export.metadata import (
     DEFAULT_RESOLUTION_CM,
-    EXPORT_BATCH,
     FP32_TOLERANCE,
     deepness_metadata,
-    export_onnx,
     resolution_cm,
 )
-from geoseg_cli.onnx_engine import OnnxEngine, import_onnx_dependency, select_providers
+from geoseg_cli.export.onnx import EXPORT_BATCH, export_onnx
+from geoseg_cli.export.parity import parity_inputs
+from geoseg_cli.inference.onnx_runtime import OnnxRuntime, import_onnx_dependency, select_providers
+from geoseg_cli.inference.torch_runtime import TorchRuntime
+from models import InferenceModel
 
 WINDOW = 64
 CLASSES = [
@@ -150,8 +152,8 @@ def test_fp32_export_is_one_checked_opset17_file(exported, checkpoint):
 
     # Independent check through both engines, at yet another batch size.
     batch = np.random.default_rng(5).random((5, 3, WINDOW, WINDOW), dtype=np.float32)
-    onnx_probs = OnnxEngine(exported.path, "cpu").predict(batch)
-    torch_probs = TorchEngine(checkpoint, "cpu").predict(batch)
+    onnx_probs = OnnxRuntime(exported.path, "cpu").predict(batch)
+    torch_probs = TorchRuntime(checkpoint, "cpu").predict(batch)
     assert onnx_probs.shape == (5, 3, WINDOW, WINDOW) and onnx_probs.dtype == np.float32
     assert np.abs(onnx_probs - torch_probs).max() <= FP32_TOLERANCE
     np.testing.assert_allclose(onnx_probs.sum(axis=1), 1.0, atol=1e-5)
@@ -168,7 +170,8 @@ def test_every_variant_matches_pytorch(variant, tmp_path):
     assert result.parity_shapes == [[3, 3, 32, 32]]  # not the traced batch of 2
     assert result.max_abs_diff <= FP32_TOLERANCE
     single = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
-    diff = OnnxEngine(result.path, "cpu").predict(single) - TorchEngine(ckpt, "cpu").predict(single)
+    onnx_probs = OnnxRuntime(result.path, "cpu").predict(single)
+    diff = onnx_probs - TorchRuntime(ckpt, "cpu").predict(single)
     assert np.abs(diff).max() <= FP32_TOLERANCE
 
 
@@ -180,7 +183,7 @@ def test_dynamic_size_export_via_cli_json(checkpoint, tmp_path):
     assert report["dynamic_size"] is True and report["precision"] == "fp32"
     assert report["parity_shapes"] == [[3, 3, 64, 64], [1, 3, 80, 96]]
     assert report["max_abs_diff"] <= FP32_TOLERANCE
-    engine = OnnxEngine(out, "cpu")
+    engine = OnnxRuntime(out, "cpu")
     assert engine.input_size is None
     assert engine.predict(np.zeros((2, 3, 48, 112), np.float32)).shape == (2, 3, 48, 112)
 
@@ -195,9 +198,9 @@ def test_int8_export_reports_parity_and_class_agreement(checkpoint, exported, tm
     assert "DynamicQuantizeLinear" in {n.op_type for n in proto.graph.node}
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
     assert proto.ir_version == 8
-    engine = OnnxEngine(result.path, "cpu")
+    engine = OnnxRuntime(result.path, "cpu")
     assert engine.metadata["precision"] == "int8"
-    assert engine.info.describe() == OnnxEngine(exported.path, "cpu").info.describe()
+    assert engine.info.describe() == OnnxRuntime(exported.path, "cpu").info.describe()
 
 
 def test_fp16_export_keeps_float32_io(checkpoint, tmp_path):
@@ -212,8 +215,8 @@ def test_fp16_export_keeps_float32_io(checkpoint, tmp_path):
 
 def test_failed_parity_writes_nothing(checkpoint, exported, tmp_path, monkeypatch):
     traced = onnx.load(str(exported.path))
-    monkeypatch.setattr(export_module, "_trace", lambda *args: traced)
-    monkeypatch.setattr(export_module, "_parity", lambda *args: (3e-3, 0.99))
+    monkeypatch.setattr(export_module, "trace", lambda *args: traced)
+    monkeypatch.setattr(export_module, "parity", lambda *args: (3e-3, 0.99))
     out = tmp_path / "bad.onnx"
     with pytest.raises(GeosegError, match="does not match PyTorch") as error:
         export_onnx(checkpoint, out)
@@ -226,8 +229,8 @@ def test_parity_inputs_follow_the_training_band_statistics():
     0.045 and std 0.026, so uniform [0, 1) values would sit up to 37 std away, where float32
     rounding in a trained model exceeded the tolerance (1.4e-4) although the graph was right."""
     module = InferenceModel(torch.nn.Identity(), [0.045], [0.026])
-    first = list(export_module._parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
-    again = list(export_module._parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
+    first = list(parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
+    again = list(parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
     assert [tuple(x.shape) for x in first] == [(2, 1, 64, 64), (1, 1, 80, 96)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     z = torch.cat([((x - 0.045) / 0.026).flatten() for x in first])
@@ -270,7 +273,7 @@ def test_metadata_follows_deepness_and_geodeep_rules(exported, checkpoint):
 
     # geoseg's own description round-trips to the checkpoint's contract.
     geoseg = values["geoseg"]
-    info = TorchEngine(checkpoint, "cpu").info
+    info = TorchRuntime(checkpoint, "cpu").info
     assert ModelInfo.from_dict(geoseg).describe() == info.describe()
     assert geoseg["recommended_stride"] == WINDOW and geoseg["opset"] == 17
 
@@ -284,8 +287,8 @@ def test_metadata_follows_deepness_and_geodeep_rules(exported, checkpoint):
 
 
 def test_overlap_and_resolution_rules(checkpoint, caplog):
-    export_module.log.addHandler(caplog.handler)  # the CLI stops geoseg_cli propagating
-    info = TorchEngine(checkpoint, "cpu").info
+    metadata_module.log.addHandler(caplog.handler)  # the CLI stops geoseg_cli propagating
+    info = TorchRuntime(checkpoint, "cpu").info
     assert deepness_metadata(info, stride=32, resolution=50.0)["tiles_overlap"] == 50
     assert deepness_metadata(info, stride=48, resolution=50.0)["tiles_overlap"] == 25
     assert resolution_cm(info) == pytest.approx(50.0)
@@ -293,7 +296,7 @@ def test_overlap_and_resolution_rules(checkpoint, caplog):
     info.input.resolution = None
     assert resolution_cm(info, 12.5) == 12.5
     assert resolution_cm(info) == DEFAULT_RESOLUTION_CM
-    export_module.log.removeHandler(caplog.handler)
+    metadata_module.log.removeHandler(caplog.handler)
     assert "--resolution" in caplog.text
     with pytest.raises(UsageError):
         resolution_cm(info, -1.0)
@@ -325,18 +328,18 @@ def test_engine_refuses_foreign_corrupt_and_missing_models(tmp_path, exported):
         foreign,
     )
     with pytest.raises(CheckpointError, match="no geoseg metadata"):
-        OnnxEngine(foreign, "cpu")
+        OnnxRuntime(foreign, "cpu")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not a protobuf at all")
     with pytest.raises(CheckpointError, match="not a loadable ONNX model"):
-        OnnxEngine(corrupt, "cpu")
+        OnnxRuntime(corrupt, "cpu")
     with pytest.raises(CheckpointError, match="no such ONNX model file"):
-        OnnxEngine(tmp_path / "missing.onnx", "cpu")
+        OnnxRuntime(tmp_path / "missing.onnx", "cpu")
     result = invoke("info", foreign)
     assert result.exit_code == 1 and "no geoseg metadata" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
-    engine = OnnxEngine(exported.path, "cpu")
+    engine = OnnxRuntime(exported.path, "cpu")
     assert engine.input_size == WINDOW and engine.providers == ["CPUExecutionProvider"]
     with pytest.raises(UsageError, match="--window 64"):
         engine.predict(np.zeros((1, 3, 32, 32), np.float32))

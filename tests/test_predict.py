@@ -23,9 +23,11 @@ from rasterio.windows import Window
 from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
 from geoseg_cli.cli import cli
 from geoseg_cli.errors import InputError
-from geoseg_cli.predict import PredictOptions, output_paths, predict_raster, write_vector
-from geoseg_cli.tta import tta_views
-from geoseg_cli.windows import Grid, coverage, reflect_indices, window_starts
+from geoseg_cli.inference import PredictOptions, predict_raster
+from geoseg_cli.inference.outputs import output_paths
+from geoseg_cli.inference.tta import tta_views
+from geoseg_cli.inference.windows import Grid, coverage, reflect_indices, window_starts
+from geoseg_cli.vector import write_class_polygons
 from tests.conftest import ALBERS_WKT, UTM_CRS, UTM_TRANSFORM, save_tiny_checkpoint
 
 torch.set_num_threads(2)
@@ -37,7 +39,12 @@ def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
 
 
 class StandIn:
-    """An Engine whose probabilities are ``fn(batch)``; counts forward passes and images."""
+    """A runtime whose probabilities are ``fn(batch)``; counts forward passes and images."""
+
+    on_gpu = False
+    output_stride = 16
+    feature_channels = None
+    streams = False
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class StandIn:
         self.fn = fn
         self.fail_after = fail_after
         self.calls = self.images = 0
+        self.batches: list[np.ndarray] = []
 
     def interrupt(self) -> None:
         raise KeyboardInterrupt  # Ctrl-C
@@ -70,6 +78,7 @@ class StandIn:
             self.interrupt()
         self.calls += 1
         self.images += len(batch)
+        self.batches.append(batch)
         return self.fn(batch)
 
 
@@ -204,16 +213,10 @@ def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
     source = make_raster("img.tif", image)
     t = UTM_TRANSFORM
     bounds = (t.c + 20 * t.a, t.f + 50 * t.e, t.c + 45 * t.a, t.f + 20 * t.e)
-    bands = []
-
-    def recording(band, offsets):
-        bands.append(band)
-        for o in offsets:
-            yield pixelwise(band[np.newaxis, :, :, o : o + 32])[0]
-
     out = tmp_path / "part.tif"
     options = PredictOptions(32, 16, bounds=bounds)
-    predict_raster(StandIn(pixelwise), source, out, options, predictor=recording)
+    runtime = StandIn(pixelwise)
+    predict_raster(runtime, source, out, options)
     part, meta = read(out)
     assert part.shape == (1, 30, 25)
     assert meta["transform"] == rasterio.windows.transform(Window(20, 20, 25, 30), t)
@@ -221,7 +224,8 @@ def test_bounds_predict_part_with_real_context(make_raster, tmp_path):
     np.testing.assert_array_equal(part[0], expected)
     # Windows start 16 px (half the overlap, 8, rounded to the 16-px feature grid) before
     # the part: real pixels, not reflections.
-    np.testing.assert_allclose(bands[0] * 255, image[:, 4:36, 4:68], atol=1e-4)
+    np.testing.assert_allclose(runtime.batches[0][0] * 255, image[:, 4:36, 4:36], atol=1e-4)
+    np.testing.assert_allclose(runtime.batches[0][1] * 255, image[:, 4:36, 20:52], atol=1e-4)
 
 
 # --- a real SCG-Net checkpoint through the CLI ---------------------------------------------
@@ -311,7 +315,7 @@ def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
     image[:, :6, :] = 0  # nodata strip
     source = make_raster("rect.tif", image, nodata=0)
     engine = StandIn(lambda b: softmax(8 * b[:, :2]), num_classes=2)
-    monkeypatch.setattr("geoseg_cli.engine.load_engine", lambda path, device: engine)
+    monkeypatch.setattr("geoseg_cli.inference.load_runtime", lambda path, device: engine)
     out, vector = tmp_path / "rect_cog.tif", tmp_path / "rect.geojson"
     result = run([
         "-q", "predict", str(source), "-m", "stand-in.pt", "-o", str(out), "--cog",
@@ -336,9 +340,9 @@ def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
     # GeoPackage and FlatGeobuf (pyogrio): the same polygons, attributes and CRS.
     import pyogrio.raw
 
-    for suffix in (".gpkg", ".fgb"):
+    for suffix in (".gpkg", ".fgb", ".shp"):
         target = tmp_path / f"rect{suffix}"
-        assert write_vector(out, target, engine.info) == len(features)
+        assert write_class_polygons(out, target, engine.info.classes) == len(features)
         meta, _, wkb, (ids, names) = pyogrio.raw.read(target)
         assert CRS.from_user_input(meta["crs"]) == UTM_CRS
         assert meta["fields"].tolist() == ["class_id", "class"]
@@ -347,6 +351,20 @@ def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
             name, geometry = got[f["properties"]["class_id"]]
             assert name == f["properties"]["class"]
             assert geometry.equals(shapely.geometry.shape(f["geometry"]))
+    # A Shapefile written by predict comes with its sidecar files, moved in from the
+    # temporary folder with it.
+    shapefile = tmp_path / "shp" / "rect.shp"
+    shapefile.parent.mkdir()
+    result = run([
+        "-q", "predict", str(source), "-m", "stand-in.pt", "-o", str(tmp_path / "shp" / "r.tif"),
+        "--vector", str(shapefile), "--window", "32",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in shapefile.parent.iterdir()} >= {
+        "r.tif", "rect.shp", "rect.shx", "rect.dbf", "rect.prj"
+    }
+    assert not [p for p in shapefile.parent.iterdir() if p.name.startswith(".")]
+    assert pyogrio.raw.read(shapefile)[0]["crs"] is not None
 
 
 def test_many_inputs_into_folder_and_torchrun_sharding(scene, tiny_checkpoint, tmp_path,
@@ -443,9 +461,9 @@ def test_corrupt_checkpoint_existing_output_and_bad_options(scene, tiny_checkpoi
     assert result.exit_code == 2 and "put --tta after the inputs" in result.output
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--window", "40", *out])
     assert result.exit_code == 2 and "multiple of 16" in result.output
-    vector = str(tmp_path / "x.shp")
+    vector = str(tmp_path / "x.csv")
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
-    assert result.exit_code == 2 and "write .geojson, .gpkg or .fgb" in result.output
+    assert result.exit_code == 2 and "unknown vector format '.csv'" in result.output
     monkeypatch.setitem(sys.modules, "pyogrio", None)  # not installed: refused before running
     vector = str(tmp_path / "x.gpkg")
     result = run(["predict", image, "-m", str(tiny_checkpoint), "--vector", vector, *out])
@@ -491,7 +509,7 @@ def test_ctrl_c_leaves_no_output_and_no_temp(scene, tmp_path, monkeypatch, kill)
     engine = StandIn(pixelwise, fail_after=3)
     if kill:
         engine.interrupt = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr("geoseg_cli.engine.load_engine", lambda path, device: engine)
+    monkeypatch.setattr("geoseg_cli.inference.load_runtime", lambda path, device: engine)
     before = sorted(tmp_path.iterdir())
     out = tmp_path / "interrupted.tif"
     result = run([

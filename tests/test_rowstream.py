@@ -1,4 +1,4 @@
-"""Row-streamed features (geoseg_cli.rowstream): one pass over an area, fed a few rows at a time."""
+"""Row-streamed features (models.streaming): one pass over an area, fed a few rows at a time."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoseg_cli.engine import InferenceModel
-from geoseg_cli.rowstream import FeatureStream
-from geoseg_cli.tta import tta_views
-from models import create_model
+from geoseg_cli.inference.tta import tta_views
+from models import Dihedral, FeatureStream, InferenceModel, create_model
 
 torch.set_num_threads(2)
 
@@ -30,7 +28,7 @@ def _inference_model(backbone: str, fuse: bool = True) -> InferenceModel:
 
 def _streamed(module: InferenceModel, view, image: np.ndarray, runs: list[int]) -> np.ndarray:
     """Feed ``image`` (C×H×W) in runs of the given row counts (the last run also ends it)."""
-    stream = FeatureStream(module, view, *image.shape[1:])
+    stream = FeatureStream(module, Dihedral(view.k, view.flip), *image.shape[1:])
     x = torch.from_numpy(image)[None].contiguous(memory_format=torch.channels_last)
     out, row = [], 0
     with torch.inference_mode():
@@ -63,7 +61,7 @@ def test_rows_come_as_soon_as_their_inputs_are_fed():
     the first 16 input rows, some before the end, all of them once the input ends."""
     module = _inference_model("resnet18")
     image = torch.rand(1, 4, 160, 64)
-    stream = FeatureStream(module, tta_views(None)[0], 160, 64)
+    stream = FeatureStream(module, Dihedral(), 160, 64)
     with torch.inference_mode():
         counts = [
             stream.push(image[:, :, r : r + 16], last=r == 144).shape[2] for r in range(0, 160, 16)
@@ -72,7 +70,7 @@ def test_rows_come_as_soon_as_their_inputs_are_fed():
 
 
 def test_stream_needs_a_fused_trunk_and_an_area_on_the_feature_grid():
-    view = tta_views(None)[0]
+    view = Dihedral()
     with pytest.raises(ValueError, match="fuse_batchnorm"):
         FeatureStream(_inference_model("resnet18", fuse=False), view, 64, 64)
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,30 +13,39 @@ import rasterio
 import torch
 from click.testing import CliRunner
 from conftest import coarse_scene, save_tiny_checkpoint, synthetic_scene, write_chips, write_raster
+from rasterio.windows import Window
 from torch.utils.flop_counter import FlopCounterMode
 
 from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
 from geoseg_cli.cli import cli
-from geoseg_cli.engine import CHUNK_CELLS, TorchEngine, mean_probabilities
 from geoseg_cli.errors import UsageError
-from geoseg_cli.export import export_onnx, split_paths
-from geoseg_cli.onnx_engine import OnnxEngine
-from geoseg_cli.predict import EnginePredictor, PredictOptions, predict_raster
-from geoseg_cli.shared import SharedPredictor, default_head_batch, default_tile, split_span
+from geoseg_cli.export.metadata import split_paths
+from geoseg_cli.export.onnx import export_onnx
+from geoseg_cli.inference import PredictOptions, predict_raster
+from geoseg_cli.inference.onnx_runtime import OnnxRuntime
+from geoseg_cli.inference.plan import Plan
+from geoseg_cli.inference.predict import WindowPredictor
+from geoseg_cli.inference.shared import SharedPredictor, split_span
+from geoseg_cli.inference.torch_runtime import TorchRuntime
+from geoseg_cli.inference.tta import tta_views
+from geoseg_cli.inference.windows import Grid, reflect_indices
 from geoseg_cli.train import train
 from geoseg_cli.train_config import TrainConfig
-from geoseg_cli.tta import tta_views
-from geoseg_cli.windows import Grid, reflect_indices
 from models import create_model
+from models.inference import CHUNK_CELLS, mean_probabilities
 
 torch.set_num_threads(2)
 
 
 class LocalBackbone:
-    """A FeatureEngine whose backbone sees no context (16×16 block means) and whose head
-    depends on the whole window (logits: the features minus their window mean). Tiles,
-    seams and halos cannot change its features, so the shared and window engines must give
-    the same probabilities; counts the work done."""
+    """A runtime whose backbone sees no context (16×16 block means) and whose head depends
+    on the whole window (logits: the features minus their window mean). Tiles, seams and
+    halos cannot change its features, so the shared and window engines must give the same
+    probabilities; counts the work done."""
+
+    on_gpu = False
+    output_stride = 16
+    streams = False
 
     def __init__(self, window: int = 32) -> None:
         self.info = ModelInfo(
@@ -68,8 +76,11 @@ class LocalBackbone:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self.window_images += len(batch)
-        logits = torch.from_numpy(self._logits(self.features(batch)))
-        return np.stack([mean_probabilities(item[None]).numpy() for item in logits])
+        logits = self._logits(self.features(batch))
+        return np.stack([self.probabilities(item[None]) for item in logits])
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return mean_probabilities(torch.from_numpy(logits)).numpy()
 
 
 def read(path: Path) -> np.ndarray:
@@ -100,27 +111,29 @@ def nodata_scene(make_raster) -> Path:
 
 
 class TilesOnly:
-    """A PyTorch engine without its row streams: the shared engine cuts tiles, as it does
+    """A PyTorch runtime without its row streams: the shared engine cuts tiles, as it does
     for an ONNX model."""
 
-    def __init__(self, engine: TorchEngine) -> None:
-        self._engine = engine
+    streams = False
+
+    def __init__(self, runtime: TorchRuntime) -> None:
+        self._runtime = runtime
 
     def __getattr__(self, name: str):
-        if name == "feature_stream":
-            raise AttributeError(name)
-        return getattr(self._engine, name)
+        return getattr(self._runtime, name)
 
 
 class StreamingLocalBackbone(LocalBackbone):
     """:class:`LocalBackbone` with row streams; counts the streams and the rows fed."""
 
+    streams = True
+
     def __init__(self, window: int) -> None:
         super().__init__(window)
-        self.streams, self.rows_fed = 0, 0
+        self.stream_count, self.rows_fed = 0, 0
 
     def feature_stream(self, view, rows: int, cols: int):
-        self.streams += 1
+        self.stream_count += 1
 
         def push(pixels: np.ndarray, last: bool) -> np.ndarray:
             self.rows_fed += pixels.shape[1]
@@ -147,14 +160,14 @@ def test_row_streams_restart_below_rows_no_window_needs(make_raster, tmp_path):
     # padded rows -16..224; the windows at rows 48..112 hold only nodata: the first streams
     # stop at row 80 (the window at 32 ends there), the next ones start at row 128 (the
     # next window) less 16 rows of context
-    assert engine.streams == 2 * 3
+    assert engine.stream_count == 2 * 3
     assert engine.rows_fed == 3 * ((80 + 16) + (224 - 112))
 
 
 def test_split_span_cuts_near_equal_multiples_of_16():
-    assert split_span(-32, 480, 128) == [(-32, 96), (96, 224), (224, 352), (352, 480)]
-    assert split_span(0, 208, 96) == [(0, 80), (80, 144), (144, 208)]
-    assert split_span(16, 32, 1024) == [(16, 32)]
+    assert split_span(-32, 480, 128, 16) == [(-32, 96), (96, 224), (224, 352), (352, 480)]
+    assert split_span(0, 208, 96, 16) == [(0, 80), (80, 144), (144, 208)]
+    assert split_span(16, 32, 1024, 16) == [(16, 32)]
 
 
 @pytest.mark.parametrize(
@@ -193,7 +206,7 @@ def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp
     shared, window = engines["shared"], engines["window"]
     assert window.window_images == views * result_w.windows
     assert shared.window_images == 0 and shared.head_windows == views * result_s.windows
-    rows, cols = split_span(top, bottom, tile), split_span(left, right, tile)
+    rows, cols = split_span(top, bottom, tile, 16), split_span(left, right, tile, 16)
     most = (bottom - top + 2 * halo * (len(rows) - 1)) * (right - left + 2 * halo * (len(cols) - 1))
     assert shared.backbone_pixels <= views * most
     # Tiles under nodata-only windows are never computed, so fewer pixels may run.
@@ -217,7 +230,7 @@ def _kept_per_band(source: Path, grid: Grid) -> list[list[int]]:
 def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_path):
     """With the real SCG-Net and tiles exactly one window wide (no halo), the windows that
     coincide with a tile get the window engine's probabilities, in every TTA view."""
-    engine = TorchEngine(save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3), "cpu")
+    engine = TorchRuntime(save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3), "cpu")
     rng = np.random.default_rng(0)
     image = rng.random((3, 70, 100), dtype=np.float32)
 
@@ -227,11 +240,11 @@ def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_pat
         return image[:, r][:, :, c]
 
     grid = Grid(70, 100, 32, 16, 16)
-    views = tta_views("flip")
-    shared = SharedPredictor(
-        TilesOnly(engine), grid, views, read_region, batch_size=4, tile=32, halo=0
-    )
-    window = EnginePredictor(engine, 32, views, 3)
+    classes = engine.info.model.num_classes
+    plan = Plan(grid, Window(0, 0, 100, 70), (1, 2, 3), "float32", 1.0, None, tta_views("flip"),
+                classes, None, "flip")  # fmt: skip
+    shared = SharedPredictor(TilesOnly(engine), plan, read_region, batch_size=4, tile=32, halo=0)
+    window = WindowPredictor(engine, plan, 3)
     (top, _), (left, right) = grid.padded_rows, grid.padded_cols
     aligned = 0
     for r in grid.row_starts:
@@ -251,7 +264,7 @@ def test_row_streams_and_wide_halos_give_one_pass_over_the_area(nodata_scene, tm
     48-px tiles give the features of one untiled pass, so the same probabilities, and so do
     the PyTorch engine's row streams (fed 16 rows at a time); without a halo the seams
     show."""
-    engine = TorchEngine(save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=3), "cpu")
+    engine = TorchRuntime(save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=3), "cpu")
     probs = {}
     for name, runtime, tile, halo in (
         ("one tile", TilesOnly(engine), 4096, 0),
@@ -330,7 +343,7 @@ def test_engines_agree_on_99_percent_of_valid_pixels_with_a_trained_model(tmp_pa
     labels = full_labels[train_rows:, :317]
     image[:, :20, :30] = 0
     raster = write_raster(tmp_path / "held_out.tif", image, nodata=0)
-    engine = TorchEngine(tmp_path / "run" / "best.pt", "cpu")
+    engine = TorchRuntime(tmp_path / "run" / "best.pt", "cpu")
     classes = {}
     for name in ("window", "shared"):
         out = tmp_path / f"{name}.tif"
@@ -349,7 +362,7 @@ def test_plan_rounds_stride_aligns_grid_and_falls_back(make_raster, tmp_path, ca
     image, _ = synthetic_scene(50, 70, seed=1)
     source = make_raster("s.tif", image)
     checkpoint = save_tiny_checkpoint(tmp_path / "m.pt", window=48)
-    engine = TorchEngine(checkpoint, "cpu")
+    engine = TorchRuntime(checkpoint, "cpu")
     logging.getLogger("geoseg_cli").addHandler(caplog.handler)
     caplog.set_level(logging.INFO, logger="geoseg_cli")
     try:
@@ -394,7 +407,7 @@ def onnx_export(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_onnx_split_graphs_match_pytorch(onnx_export, nodata_scene, tmp_path):
     checkpoint, model = onnx_export
-    torch_engine, onnx_engine = TorchEngine(checkpoint, "cpu"), OnnxEngine(model, "cpu")
+    torch_engine, onnx_engine = TorchRuntime(checkpoint, "cpu"), OnnxRuntime(model, "cpu")
     # GNN1's 128 hidden features, 9 taps of M and L per class (scg-gcn)
     channels = 128 + 10 * torch_engine.info.model.num_classes
     assert onnx_engine.feature_channels == torch_engine.feature_channels == channels
@@ -430,7 +443,7 @@ def test_onnx_without_matching_parts_uses_the_window_engine(onnx_export, nodata_
     logging.getLogger("geoseg_cli").addHandler(caplog.handler)
     caplog.set_level(logging.DEBUG, logger="geoseg_cli")
     try:
-        engine = OnnxEngine(copy, "cpu")  # a renamed model.onnx, alone
+        engine = OnnxRuntime(copy, "cpu")  # a renamed model.onnx, alone
         assert engine.feature_channels is None
         assert (
             "copy.onnx: no backbone graph (copy.backbone.onnx or m.backbone.onnx) beside it"
@@ -444,20 +457,20 @@ def test_onnx_without_matching_parts_uses_the_window_engine(onnx_export, nodata_
         backbone, head = split_paths(model)
         (tmp_path / backbone.name).write_bytes(backbone.read_bytes())
         (tmp_path / head.name).write_bytes(head.read_bytes() + b"\0")  # not the exported file
-        assert OnnxEngine(copy, "cpu").feature_channels is None
+        assert OnnxRuntime(copy, "cpu").feature_channels is None
         assert "m.head.onnx does not belong to" in caplog.text
         (tmp_path / head.name).write_bytes(head.read_bytes())  # the parts keep their names
-        assert OnnxEngine(copy, "cpu").feature_channels == 128 + 10 * 3  # 3 classes
+        assert OnnxRuntime(copy, "cpu").feature_channels == 128 + 10 * 3  # 3 classes
         for part in ("backbone", "head"):  # or are renamed with the model
             (tmp_path / f"m.{part}.onnx").rename(tmp_path / f"copy.{part}.onnx")
-        assert OnnxEngine(copy, "cpu").feature_channels == 128 + 10 * 3
+        assert OnnxRuntime(copy, "cpu").feature_channels == 128 + 10 * 3
         proto = onnx.load(copy)  # as exported before head graphs output logits
         (entry,) = [p for p in proto.metadata_props if p.key == "geoseg"]
         metadata = json.loads(entry.value)
         del metadata["split_graphs"]["head_output"]
         entry.value = json.dumps(metadata)
         onnx.save(proto, copy)
-        assert OnnxEngine(copy, "cpu").feature_channels is None
+        assert OnnxRuntime(copy, "cpu").feature_channels is None
         assert "copy.onnx: its head graph comes from an earlier geoseg" in caplog.text
     finally:
         logging.getLogger("geoseg_cli").removeHandler(caplog.handler)
@@ -469,7 +482,7 @@ def test_export_no_split_writes_model_onnx_alone(onnx_export, tmp_path):
     result = run(["export", "onnx", checkpoint, "-o", out, "--no-split"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.onnx"]
-    assert OnnxEngine(out, "cpu").feature_channels is None
+    assert OnnxRuntime(out, "cpu").feature_channels is None
 
 
 def test_head_projects_once_per_position_and_aggregates_per_window():
@@ -489,14 +502,11 @@ def test_head_projects_once_per_position_and_aggregates_per_window():
     assert products == 2 * (n * n * classes + n * n * 128 + n * 128 * classes + n * n * classes)
 
 
-@pytest.mark.parametrize(
-    ("engine", "tile", "batch"),
-    [
-        (SimpleNamespace(device=torch.device("cpu")), 1024, 6),
-        (SimpleNamespace(device=torch.device("cuda", 0)), 2048, 16),
-        (SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), 2048, 16),
-        (SimpleNamespace(providers=["CPUExecutionProvider"]), 1024, 6),
-    ],
-)
-def test_tile_and_head_batch_defaults_follow_the_device(engine, tile, batch):
-    assert (default_tile(engine), default_head_batch(engine)) == (tile, batch)
+@pytest.mark.parametrize(("on_gpu", "tile", "batch"), [(False, 1024, 6), (True, 2048, 16)])
+def test_tile_and_head_batch_defaults_follow_the_device(on_gpu, tile, batch):
+    runtime = LocalBackbone(48)
+    runtime.on_gpu = on_gpu
+    plan = Plan(Grid(50, 70, 48, 16, 16), Window(0, 0, 70, 50), (1, 2, 3), "uint8", 1 / 255,
+                None, tta_views(None), 3, None, None)  # fmt: skip
+    shared = SharedPredictor(runtime, plan, lambda rows, cols: None)
+    assert (shared.tile, shared.batch_size, shared.halo) == (tile, batch, 64)

@@ -23,10 +23,10 @@ from rasterio.warp import transform_geom
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
+from geoseg_cli.classes import PRESETS, load_classes
 from geoseg_cli.cli import cli
 from geoseg_cli.cli.tile import expand_variadic_option
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import PRESETS, load_classes
 from geoseg_cli.tiling import grid_offsets, tile
 
 ISPRS_COLORS = np.array([c["color"] for c in PRESETS["isprs"]["classes"]], dtype=np.uint8)
@@ -346,8 +346,8 @@ def test_other_vector_formats_layers_and_errors(scene, tmp_path, caplog, monkeyp
     with pytest.raises(InputError, match=r"nope\.shp: no such file"):
         tile([scene["image"]], [tmp_path / "nope.shp"], tmp_path / "o2", size=32)
     monkeypatch.setitem(sys.modules, "pyogrio", None)  # not installed
-    with pytest.raises(InputError, match=r"v\.gpkg: reading \.gpkg labels needs the optional "
-                       r"vector reader: pip install 'geoseg\[vector\]'"):  # fmt: skip
+    with pytest.raises(UsageError, match=r"v\.gpkg: reading \.gpkg files needs the optional "
+                       r"vector support: pip install 'geoseg\[vector\]'"):  # fmt: skip
         tile([scene["image"]], [path], tmp_path / "o3", size=32)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 

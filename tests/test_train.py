@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from conftest import coarse_scene, write_chips
 
 from geoseg_cli.checkpoint import build_model, load_checkpoint
+from geoseg_cli.chips import load_stats, read_manifest
 from geoseg_cli.cli import cli
-from geoseg_cli.data import ChipDataset, load_stats, read_manifest
-from geoseg_cli.engine import TorchEngine
+from geoseg_cli.data import ChipDataset
 from geoseg_cli.errors import UsageError
+from geoseg_cli.inference.torch_runtime import TorchRuntime
 from geoseg_cli.train import (
     DUMP_ENV,
     RUN_FILES,
@@ -135,13 +136,13 @@ def test_inference_model_reproduces_training_inputs(learned, module_chips):
     _, result = learned
     stats = load_stats(module_chips)
     record = next(r for r in read_manifest(module_chips) if r.split == "val")
-    image, _ = ChipDataset([record], stats, 64)[0]
+    image, _ = ChipDataset(module_chips, [record], stats, 64)[0]
     model = build_model(load_checkpoint(result.best_path))
     with torch.no_grad():
         expected = torch.softmax(model(image[None]), dim=1).numpy()
-    with rasterio.open(record.image) as src:
+    with rasterio.open(record.image(module_chips)) as src:
         scaled = src.read().astype(np.float32) * np.float32(stats.input.scale)
-    probs = TorchEngine(result.best_path, device="cpu").predict(scaled[None])
+    probs = TorchRuntime(result.best_path, device="cpu").predict(scaled[None])
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 

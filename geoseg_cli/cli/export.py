@@ -9,6 +9,7 @@ import click
 
 from geoseg_cli.cli.options import json_opt, overwrite_opt
 from geoseg_cli.errors import UsageError
+from geoseg_cli.export.metadata import DEFAULT_OPSET, FP32_TOLERANCE
 
 
 @click.group()
@@ -32,10 +33,10 @@ def export() -> None:
 )
 @click.option(
     "--opset",
-    type=click.IntRange(min=17),
-    default=17,
+    type=click.IntRange(min=DEFAULT_OPSET),
+    default=DEFAULT_OPSET,
     show_default=True,
-    help="ONNX opset (17 runs in the onnxruntime bundled with QGIS).",
+    help=f"ONNX opset ({DEFAULT_OPSET} runs in the onnxruntime bundled with QGIS).",
 )
 @click.option(
     "--dynamic-size",
@@ -65,7 +66,7 @@ def export() -> None:
 @click.option(
     "--tolerance",
     type=click.FloatRange(min=0),
-    default=1e-4,
+    default=FP32_TOLERANCE,
     show_default=True,
     help="Largest accepted fp32 probability difference to PyTorch in the parity check.",
 )
@@ -106,7 +107,7 @@ def onnx(
       geoseg export onnx run/best.pt --int8 -o model_int8.onnx
       geodeep scene.tif model.onnx -t mask
     """
-    from geoseg_cli.export import export_onnx
+    from geoseg_cli.export.onnx import export_onnx
 
     if fp16 and int8:
         raise UsageError("--fp16 and --int8 exclude each other; pick one")

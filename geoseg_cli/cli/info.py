@@ -15,7 +15,7 @@ def describe_model_file(path: Path) -> dict[str, Any]:
     """The description of a ``.onnx`` model or a ``.pt`` checkpoint (with its training
     progress and file identity)."""
     if path.suffix.lower() == ".onnx":
-        from geoseg_cli.onnx_engine import describe_onnx
+        from geoseg_cli.inference.onnx_runtime import describe_onnx
 
         return describe_onnx(path)
     from geoseg_cli.checkpoint import file_hash, load_checkpoint

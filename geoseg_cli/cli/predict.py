@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import click
@@ -16,6 +15,10 @@ from geoseg_cli.cli.options import (
     json_opt,
     overwrite_opt,
 )
+from geoseg_cli.inference.plan import ENGINES, PROBABILITY_DTYPES, PredictOptions
+from geoseg_cli.inference.predict import WindowPredictor
+from geoseg_cli.inference.shared import CPU_HEAD_BATCH, GPU_HEAD_BATCH
+from geoseg_cli.inference.tta import TTA_SETS
 
 
 class _OptionalChoice(click.Choice):
@@ -53,7 +56,7 @@ class _OptionalChoice(click.Choice):
 )
 @click.option(
     "--tta",
-    type=_OptionalChoice(["flip", "d4"]),
+    type=_OptionalChoice(TTA_SETS),
     is_flag=False,
     flag_value="flip",
     default=None,
@@ -77,20 +80,20 @@ class _OptionalChoice(click.Choice):
     type=click.IntRange(min=1),
     default=None,
     help="Images (windows x TTA views) per forward pass; with the shared engine, per head "
-    "pass (whole windows). Results do not depend on it. [default: 4; shared engine: 6 on a "
-    "CPU, 16 on a GPU]",
+    "pass (whole windows). Results do not depend on it. "
+    f"[default: {WindowPredictor.DEFAULT_BATCH}; shared engine: {CPU_HEAD_BATCH} on a CPU, "
+    f"{GPU_HEAD_BATCH} on a GPU]",
 )
 @click.option(
     "--engine",
-    type=click.Choice(["window", "shared"]),
-    default="window",
+    type=click.Choice(ENGINES),
+    default=PredictOptions.engine,
     show_default=True,
     help="window: the whole network on every window (the paper's method, exact strides). "
-    "shared: the backbone runs once per pixel and view, only the SCG head per window (3-9x "
-    "faster with overlap on a CPU; stride rounded to a multiple of 16; falls back to window "
-    "when the model cannot split or windows do not overlap; classes differ from window's "
-    "where the backbone's context at window borders differs, 1-4 % of pixels for the demo "
-    "models).",
+    "shared: the backbone runs once per pixel and view, only the SCG head per window (much "
+    "faster with overlap; stride rounded to the feature grid; falls back to window when "
+    "the model cannot split or windows do not overlap; classes may differ from window's "
+    "where the backbone's context at window borders differs).",
 )
 @device_opt
 @bidx_opt
@@ -116,8 +119,8 @@ class _OptionalChoice(click.Choice):
 )
 @click.option(
     "--probability-dtype",
-    type=click.Choice(["uint8", "float32"]),
-    default="uint8",
+    type=click.Choice(PROBABILITY_DTYPES),
+    default=PROBABILITY_DTYPES[0],
     show_default=True,
     help="Probability encoding: uint8 is round(255 * p), float32 is p.",
 )
@@ -157,16 +160,16 @@ def predict(
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Segment rasters with a trained model; print the paths written (with --json, one
-    JSON object per input, a line each, as each finishes).
+    """Segment rasters with a trained model; print the paths written.
 
-    Windows of size T slide with the given stride; softmax probabilities are blended with
-    a smooth weight window, so there are no seams. Memory does not grow with the raster
+    With --json, one JSON object per input, a line each, as each finishes. Windows of size
+    T slide with the given stride; softmax probabilities are blended with a smooth weight
+    window, so there are no seams. Memory does not grow with the raster
     height. Nodata pixels stay nodata (255) in the uint8 class map, which keeps the input's
     CRS, transform and size and carries a colour table. Under torchrun, each rank
     predicts its share of the inputs. The window engine runs the whole network on every
     window, as the paper does; --engine shared computes the backbone once per pixel and
-    shares it between overlapping windows (3-9x faster with overlap).
+    shares it between overlapping windows.
 
     \b
     Examples:
@@ -176,25 +179,17 @@ def predict(
       geoseg predict tiles/*.tif -o out/ -m model.onnx --cog --vector polygons/
       geoseg predict scene.tif -m best.pt -o pred.tif --probabilities --co COMPRESS=LZW
     """
-    from geoseg_cli.engine import load_engine
-    from geoseg_cli.predict import (
-        PredictOptions,
-        distributed_rank,
-        output_paths,
-        predict_rasters,
-        shard,
-        vector_paths,
-    )
+    from geoseg_cli.distributed import torchrun_env
+    from geoseg_cli.inference import load_runtime, predict_rasters
+    from geoseg_cli.inference.outputs import output_paths, vector_paths
 
-    rank, world_size = distributed_rank()
+    env = torchrun_env()
     outputs = output_paths(inputs, output)
     vectors = vector_paths(vector, outputs)
-    inputs, outputs, vectors = (shard(x, rank, world_size) for x in (inputs, outputs, vectors))
+    inputs, outputs, vectors = (env.shard(x) for x in (inputs, outputs, vectors))
     if not inputs:
         return
-    if world_size > 1 and device != "cpu":
-        _use_local_gpu()
-    runtime = load_engine(model, device)
+    runtime = load_runtime(model, device)
     options = PredictOptions(
         window=window,
         stride=stride,
@@ -219,11 +214,3 @@ def predict(
         for path in (result.output, result.probabilities, result.vector):
             if path is not None:
                 click.echo(path)
-
-
-def _use_local_gpu() -> None:
-    """Under torchrun, put each rank on its own GPU (LOCAL_RANK)."""
-    import torch
-
-    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from geoseg_cli.cli.options import device_opt, overwrite_opt
+from geoseg_cli.distributed import torchrun_env
 from geoseg_cli.errors import UsageError
-from geoseg_cli.train import (
-    BEST_METRICS,
-    DEFAULT_LR,
-    TrainConfig,
-    read_config_file,
-    resume_config,
-)
-from geoseg_cli.train import (
-    train as run_training,
-)
+from geoseg_cli.train import train as run_training
+from geoseg_cli.train_config import BEST_METRICS, TrainConfig, read_config_file, resume_config
 from models import BACKBONES, LOSS_KINDS
 
 log = logging.getLogger(__name__)
@@ -33,61 +25,65 @@ log = logging.getLogger(__name__)
 )
 @click.option(
     "--variant",
-    default="scg-gcn",
+    default=TrainConfig.variant,
     show_default=True,
     help="Model variant (list them with `geoseg models`).",
 )
 @click.option(
     "--backbone",
     type=click.Choice(list(BACKBONES)),
-    default="resnet50",
+    default=TrainConfig.backbone,
     show_default=True,
     help="ResNet trunk; resnet50 is the paper's, resnet18 is fast on CPU.",
 )
 @click.option(
     "--window",
     type=click.IntRange(min=16),
-    default=448,
+    default=TrainConfig.window,
     show_default=True,
     help="Training crop size in pixels (multiple of 16).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=4,
+    default=TrainConfig.batch_size,
     show_default=True,
     help="Chips per step (per process under torchrun).",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_LR,
-    show_default="8.5e-5/√2 ≈ 6.01e-05",
-    help="Initial learning rate (paper: 8.5e-5/√2), decayed by poly(0.9) and ×0.85 every "
-    "15 epochs.",
+    default=TrainConfig.lr,
+    show_default=f"8.5e-5/√2 ≈ {TrainConfig.lr:.3g}",
+    help=f"Initial learning rate (paper: 8.5e-5/√2), decayed by poly({TrainConfig.poly_power}) "
+    f"and ×{TrainConfig.lr_step_gamma} every {TrainConfig.lr_step_epochs} epochs.",
 )
 @click.option(
     "--weight-decay",
     type=click.FloatRange(min=0),
-    default=2e-5,
+    default=TrainConfig.weight_decay,
     show_default=True,
     help="Weight decay on weights (not on biases and norm parameters).",
 )
 @click.option(
     "--loss",
     type=click.Choice(LOSS_KINDS),
-    default="dice",
+    default=TrainConfig.loss,
     show_default=True,
     help="dice is the paper's (Dice + L_kl + L_dl); ce uses the class weights of "
     "stats.json; dice+ce sums both. The SCG terms are always added.",
 )
-@click.option("--rot90/--no-rot90", default=False, show_default=True, help="Random 90° turns.")
-@click.option("--flips/--no-flips", default=True, show_default=True, help="Random flips (p=0.5).")
+@click.option(
+    "--rot90/--no-rot90", default=TrainConfig.rot90, show_default=True, help="Random 90° turns."
+)
+@click.option(
+    "--flips/--no-flips", default=TrainConfig.flips, show_default=True, help="Random flips (p=0.5)."
+)
 @click.option(
     "--best-metric",
     type=click.Choice(BEST_METRICS),
-    default="miou",
+    default=TrainConfig.best_metric,
     show_default=True,
     help="Validation score that selects best.pt.",
 )
@@ -100,18 +96,18 @@ log = logging.getLogger(__name__)
 @device_opt
 @click.option(
     "--amp/--no-amp",
-    default=True,
+    default=TrainConfig.amp,
     show_default=True,
     help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).",
 )
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
-    default=2,
+    default=TrainConfig.workers,
     show_default=True,
     help="Data-loading worker processes.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True, help="Random seed.")
 @click.option(
     "--backbone-weights",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -177,8 +173,11 @@ def train(
             raise UsageError("give CHIPS_DIR and -o RUN_DIR (or --resume RUN_DIR)")
         config = TrainConfig.from_dict(settings, str(config_file or "options"))
     result = run_training(config, resume=resume is not None)
-    if os.environ.get("RANK", "0") == "0":
+    if torchrun_env().is_main:
         log.info(
-            "best %s %.4f at epoch %d: %s", result.best_metric, result.best_value,
-            result.best_epoch, result.best_path,
-        )  # fmt: skip
+            "best %s %.4f at epoch %d: %s",
+            result.best_metric,
+            result.best_value,
+            result.best_epoch,
+            result.best_path,
+        )

@@ -1,15 +1,8 @@
-"""Run an exported geoseg ONNX model with ONNX Runtime (the ``.onnx`` side of the engine seam).
-
-An ONNX file written by ``geoseg export onnx`` describes itself: the ``geoseg`` metadata key
-holds the same :class:`~geoseg_cli.checkpoint.ModelInfo` a checkpoint carries, so predict
-reads classes, bands, scaling and window from it exactly as from a ``.pt``. When the
-export's backbone and head graphs lie beside it (named, with their SHA-256, under
-``split_graphs`` in that metadata), the engine also runs the two halves separately for
-predict's shared engine.
-"""
+"""Run an exported geoseg ONNX model with ONNX Runtime; numpy only, no PyTorch."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -21,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from geoseg_cli.checkpoint import ModelInfo, file_hash
-from geoseg_cli.engine import FEATURE_STRIDE
 from geoseg_cli.errors import CheckpointError, GeosegError, UsageError, first_line
+from geoseg_cli.inference.runtime import StreamPush
+from geoseg_cli.inference.tta import View
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +25,24 @@ GEOSEG_METADATA_KEY = "geoseg"
 
 #: ONNX Runtime log severity: 3 = errors only (no provider-fallback warnings).
 _ORT_LOG_ERRORS_ONLY = 3
+#: Output stride of the models exported before the metadata recorded it.
+LEGACY_OUTPUT_STRIDE = 16
+
+
+@functools.lru_cache(maxsize=8)
+def _upsampling_matrix(size: int, stride: int) -> np.ndarray:
+    """The (stride·size)×size matrix of bilinear upsampling along one axis.
+
+    align_corners=False with the edges clamped, as PyTorch's ``F.interpolate`` does it.
+    """
+    source = np.maximum((np.arange(size * stride) + 0.5) / stride - 0.5, 0.0)
+    low = np.floor(source).astype(np.int64)
+    high = np.minimum(low + 1, size - 1)
+    weight = (source - low).astype(np.float32)
+    matrix = np.zeros((size * stride, size), dtype=np.float32)
+    np.add.at(matrix, (np.arange(size * stride), low), 1 - weight)
+    np.add.at(matrix, (np.arange(size * stride), high), weight)
+    return matrix
 
 
 def import_onnx_dependency(name: str) -> ModuleType:
@@ -118,11 +130,14 @@ def read_geoseg_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> d
     return data
 
 
-class OnnxEngine:
-    """Runs an ONNX model exported by geoseg with ONNX Runtime (CUDA provider when usable).
+class OnnxRuntime:
+    """An ONNX model exported by geoseg on ONNX Runtime (CUDA provider when usable).
 
-    Implements :class:`~geoseg_cli.engine.FeatureEngine` when the backbone and head graphs
-    the export wrote are beside the model and match the hashes in its metadata.
+    A :class:`~geoseg_cli.inference.runtime.Runtime`. An ONNX file written by ``geoseg
+    export onnx`` describes itself: its ``geoseg`` metadata holds the same
+    :class:`~geoseg_cli.checkpoint.ModelInfo` a checkpoint carries. The network runs in two
+    halves (:meth:`features`, :meth:`head_logits`) when the backbone and head graphs the
+    export wrote lie beside it and match the SHA-256 its metadata names.
 
     Attributes:
         info: The model description read from the ``geoseg`` metadata.
@@ -133,7 +148,10 @@ class OnnxEngine:
         providers: The execution providers in use.
         feature_channels: Feature channels when the backbone and head graphs are usable,
             else None (predict then uses the window engine).
+        output_stride: Input pixels per feature position.
     """
+
+    streams = False
 
     def __init__(
         self, path: str | os.PathLike, device: str = "auto", threads: int | None = None
@@ -149,6 +167,7 @@ class OnnxEngine:
         self.info = ModelInfo.from_dict(self.metadata, self.path)
         self.model_hash = file_hash(self.path)
         self.providers = self.session.get_providers()
+        self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
         if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
             message = (
                 "onnxruntime could not start its CUDA provider (check the CUDA and cuDNN "
@@ -161,6 +180,7 @@ class OnnxEngine:
         self.input_name = graph_input.name
         height, width = graph_input.shape[-2:]
         self.input_size = height if isinstance(height, int) and height == width else None
+        self.output_stride = int(self.metadata.get("output_stride", LEGACY_OUTPUT_STRIDE))
         self.feature_channels, self._parts = self._find_parts()
         self._sessions: dict[str, Any] = {}
         log.debug("ONNX Runtime engine (%s) for %s", ", ".join(self.providers), self.path)
@@ -218,7 +238,7 @@ class OnnxEngine:
             UsageError: The model was exported for a fixed window and the features are of
                 another one.
         """
-        size = (features.shape[-2] * FEATURE_STRIDE, features.shape[-1] * FEATURE_STRIDE)
+        size = (features.shape[-2] * self.output_stride, features.shape[-1] * self.output_stride)
         if self.input_size is not None and size != (self.input_size,) * 2:
             raise UsageError(
                 f"{self.path} was exported for {self.input_size}×{self.input_size} windows, "
@@ -226,6 +246,25 @@ class OnnxEngine:
                 "geoseg export onnx --dynamic-size"
             )
         return self._run_part("head", "features", features)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Mean over views of softmax(bilinear upsampling) of V×K×h×w logits, in numpy."""
+        s = self.output_stride
+        rows = _upsampling_matrix(logits.shape[-2], s)
+        cols = _upsampling_matrix(logits.shape[-1], s)
+        upsampled = rows @ np.ascontiguousarray(logits, dtype=np.float32) @ cols.T
+        upsampled -= upsampled.max(axis=1, keepdims=True)
+        np.exp(upsampled, out=upsampled)
+        upsampled /= upsampled.sum(axis=1, keepdims=True)
+        return upsampled[0] if len(upsampled) == 1 else upsampled.mean(axis=0)
+
+    def feature_stream(self, view: View, rows: int, cols: int) -> StreamPush:
+        """Not available: the backbone graph runs on tiles.
+
+        Raises:
+            NotImplementedError: Always (``streams`` is False).
+        """
+        raise NotImplementedError("ONNX models run the backbone on tiles, not row streams")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N×K×H×W float32) for scaled input windows (N×C×H×W float32).

@@ -1,9 +1,4 @@
-"""Test-time augmentation: dihedral views of square windows and their inverses.
-
-A view is a horizontal flip (optional) followed by ``k`` quarter turns, applied to the last
-two axes of an ``N×C×H×W`` array. ``flip`` is the paper's set (identity, horizontal flip,
-vertical flip); ``d4`` is all eight symmetries of the square.
-"""
+"""Test-time augmentation: dihedral views of square windows, their inverses, and the view merge."""
 
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ TTA_SETS = ("flip", "d4")
 
 @dataclass(frozen=True)
 class View:
-    """One dihedral view: flip left-right if ``flip``, then rotate ``k`` quarter turns."""
+    """One dihedral view of the last two axes: a left-right flip if ``flip``, then ``k`` turns."""
 
     name: str
     k: int = 0
@@ -48,6 +43,9 @@ VFLIP = View("vflip", k=2, flip=True)
 def tta_views(tta: str | None) -> tuple[View, ...]:
     """Views for a TTA set: ``None`` → identity only, ``"flip"`` → 3, ``"d4"`` → 8.
 
+    ``flip`` is the paper's set (identity, horizontal flip, vertical flip); ``d4`` is all
+    eight symmetries of the square.
+
     Raises:
         UsageError: Unknown set name.
     """
@@ -70,12 +68,13 @@ def merge_views(
     batch_size: int,
     view_input: Callable[[int, int], np.ndarray],
     forward: Callable[[np.ndarray], np.ndarray],
+    merge: Callable[[np.ndarray], np.ndarray],
 ) -> Iterator[np.ndarray]:
-    """Run ``forward`` on every (item, view) input in batches and yield, per item, the mean
-    of the inverted outputs over the views.
+    """Run ``forward`` on every (item, view) input in batches and merge each item's views.
 
-    Views of an item are summed in a fixed order, so results do not depend on the batch
-    size or on how the views fall into batches.
+    Every output is mapped back to the original orientation and an item's views are merged
+    in view order, so results do not depend on the batch size or on how the views fall
+    into batches.
 
     Args:
         count: Number of items (windows).
@@ -83,23 +82,22 @@ def merge_views(
         batch_size: Inputs per ``forward`` call.
         view_input: ``(item, view index)`` → that item's input in the view's orientation.
         forward: Batch of inputs → batch of outputs (``...×H×W``, in the views' orientations).
+        merge: V×… outputs of one item, in the original orientation → the item's result.
 
     Yields:
-        One output per item, in order, in the original orientation.
+        One result per item, in order.
     """
     items = [(i, v) for i in range(count) for v in range(len(views))]
-    partial: dict[int, np.ndarray] = {}
+    partial: dict[int, list[np.ndarray]] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         outputs = forward(np.stack([view_input(i, v) for i, v in chunk]))
         for (i, v), y in zip(chunk, outputs, strict=True):
-            y = views[v].invert(y)
-            if v == 0:
-                partial[i] = y.copy()
-            else:
-                partial[i] += y
+            partial.setdefault(i, []).append(views[v].invert(y))
             if v == len(views) - 1:
-                total = partial.pop(i)
-                if len(views) > 1:
-                    total /= np.float32(len(views))
-                yield total
+                yield merge(np.stack(partial.pop(i)))
+
+
+def mean_of_views(outputs: np.ndarray) -> np.ndarray:
+    """The mean of V×… view outputs (the TTA mean of probabilities)."""
+    return outputs[0] if len(outputs) == 1 else outputs.mean(axis=0, dtype=np.float32)

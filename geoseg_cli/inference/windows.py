@@ -1,13 +1,4 @@
-"""Pure window arithmetic for sliding-window inference: grids, reflect indexes, weights.
-
-Conventions (DESIGN.md §6): windows of size ``T`` step by stride ``S``. The grid starts half
-the overlap *before* the raster (``margin = (T - S) // 2``; when the stride is a multiple of
-16, rounded down to one — but not to zero — so that windows start on the backbone's 16-px
-feature grid and both predict engines place the same windows) so that every raster pixel
-lies in the central part of some window; windows that reach past the raster are filled by
-reflect padding rather than shifted inwards, so every window keeps its full size and the
-grid stays regular. Nothing here does I/O.
-"""
+"""Pure window arithmetic of sliding-window inference: grids, reflect indexes, blending weights."""
 
 from __future__ import annotations
 
@@ -103,6 +94,11 @@ def coverage(starts: np.ndarray, window: int, size: int, floor: float = WEIGHT_F
 @dataclass(frozen=True)
 class Grid:
     """The window grid over a ``height × width`` region.
+
+    Windows of size ``T`` step by stride ``S``. The grid starts half the overlap before the
+    region (:func:`margin`), so every pixel lies in the central part of some window; windows
+    reaching past the region are filled by reflect padding rather than shifted inwards, so
+    every window keeps its full size and the grid stays regular.
 
     Attributes:
         height: Region rows.

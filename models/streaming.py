@@ -1,39 +1,15 @@
-"""Row-streamed features: one pass of the backbone over a whole area, fed a few rows at a time.
-
-The shared engine needs, for each TTA view, the features (standardization, ResNet trunk, the
-head's per-position projection) of one pass of the network over the padded area that the
-window grid covers. Cutting that area into tiles costs context: every tile also runs on
-its neighbours' pixels, and its features near a seam still differ from one pass. A
-:class:`FeatureStream` instead feeds the area's full-width rows top to bottom through the
-network layer by layer: each convolution keeps the input rows its next output rows still
-need, so every pixel goes through every layer once and the features are those of one pass,
-with memory set by the width and the rows fed at a time, not by the height.
-
-A TTA view is not applied to the pixels (a vertical flip would reverse the row order);
-the view's network is rewritten for the original orientation instead. For a dihedral map g,
-g⁻¹ ∘ conv(W) ∘ g is the convolution with the kernel g⁻¹(W), and where g reverses an axis
-a strided layer samples the other phase along it: a padding of ``k - p - s`` before the
-first row or column instead of ``p`` (one less row or column for a strided 1×1) gives
-exactly the samples of the view's pass. Lengths along both axes must be multiples of 16,
-so every strided layer halves an even length. Max pooling follows a ReLU, so its zero
-padding equals PyTorch's −∞ padding.
-"""
+"""Row-streamed backbone features: one pass of the trunk over an area, fed a few rows at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geoseg_cli.tta import View
-from models.backbone import BasicBlock, Bottleneck, ResNetTrunk
-
-#: The trunk's output stride.
-STRIDE = 16
+from models.backbone import OUTPUT_STRIDE, BasicBlock, Bottleneck, ResNetTrunk
 
 Op = Callable[[torch.Tensor], torch.Tensor]
 #: A layer run on rows: ``(x, stride, column padding)`` → output rows.
@@ -154,19 +130,35 @@ def _relu(x: torch.Tensor) -> torch.Tensor:
     return x.relu_()
 
 
-def _reversed_axes(view: View) -> tuple[bool, bool]:
-    """Whether the view reverses the original rows and columns (wherever it puts them)."""
-    corner = int(view.apply(np.arange(6).reshape(2, 3))[0, 0])
-    row, col = divmod(corner, 3)
-    return row == 1, col == 2
+class Dihedral(NamedTuple):
+    """A dihedral view of the last two axes: a left-right flip if ``flip``, then ``turns`` turns."""
+
+    turns: int = 0
+    flip: bool = False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The view of ``x``."""
+        x = torch.flip(x, dims=(-1,)) if self.flip else x
+        return torch.rot90(x, self.turns, dims=(-2, -1))
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        """Map ``y`` computed on the view back to the original orientation."""
+        y = torch.rot90(y, -self.turns, dims=(-2, -1))
+        return torch.flip(y, dims=(-1,)) if self.flip else y
+
+    def reversed_axes(self) -> tuple[bool, bool]:
+        """Whether the view reverses the original rows and columns (wherever it puts them)."""
+        corner = int(self.apply(torch.arange(6).reshape(2, 3))[0, 0])
+        row, col = divmod(corner, 3)
+        return row == 1, col == 2
 
 
 class _Builder:
     """Rewrites a fused trunk's layers for one view as streamed stages over an area."""
 
-    def __init__(self, view: View, rows: int, cols: int) -> None:
+    def __init__(self, view: Dihedral, rows: int, cols: int) -> None:
         self.view = view
-        self.reverse_rows, self.reverse_cols = _reversed_axes(view)
+        self.reverse_rows, self.reverse_cols = view.reversed_axes()
         self.rows, self.cols = rows, cols  # input size of the next layer
 
     def _before(self, reverse: bool, kernel: int, stride: int, padding: int) -> int:
@@ -196,8 +188,8 @@ class _Builder:
         """A convolution whose BatchNorm is fused into it."""
         if conv.bias is None:
             raise ValueError("stream a trunk with its BatchNorm fused (fuse_batchnorm())")
-        weight = torch.from_numpy(self.view.invert(conv.weight.detach().cpu().numpy()).copy())
-        weight = weight.to(conv.weight).contiguous(memory_format=torch.channels_last)
+        weight = self.view.invert(conv.weight.detach())
+        weight = weight.contiguous(memory_format=torch.channels_last)
         bias = conv.bias.detach()
         kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         return self._sliding(
@@ -237,7 +229,13 @@ class FeatureStream:
 
     The feature rows returned, put together, equal
     ``view.invert(module.features(view.apply(area)))`` on the whole area (up to float
-    rounding) however the input rows are split.
+    rounding) however the input rows are split. Each convolution keeps the input rows its
+    next output rows still need, so every pixel goes through every layer once and memory is
+    set by the width, not the height. The view is not applied to the pixels (a vertical flip
+    would reverse the row order): for a dihedral map g, g⁻¹ ∘ conv(W) ∘ g is the convolution
+    with kernel g⁻¹(W), and where g reverses an axis a strided layer samples the other phase
+    along it (padding ``k - p - s`` before the first row or column instead of ``p``). Max
+    pooling follows a ReLU, so its zero padding equals PyTorch's −∞ padding.
 
     Args:
         module: An ``InferenceModel`` whose backbone is a :class:`ResNetTrunk` with its
@@ -251,17 +249,17 @@ class FeatureStream:
         ValueError: The area is off the 16-px grid or the trunk is not fused.
     """
 
-    def __init__(self, module: nn.Module, view: View, rows: int, cols: int) -> None:
-        if rows % STRIDE or cols % STRIDE or rows <= 0 or cols <= 0:
+    def __init__(self, module: nn.Module, view: Dihedral, rows: int, cols: int) -> None:
+        if rows % OUTPUT_STRIDE or cols % OUTPUT_STRIDE or rows <= 0 or cols <= 0:
             raise ValueError(
-                f"area {rows}x{cols} must be a positive multiple of {STRIDE} px a side"
+                f"area {rows}x{cols} must be a positive multiple of {OUTPUT_STRIDE} px a side"
             )
         mean, std = module.mean, module.std
         stages: list[_Stage] = [_Pointwise(lambda x: (x - mean) / std)]
         stages += _Builder(view, rows, cols).trunk(module.model.backbone)
         stages.append(_Pointwise(module.model.head.project))
         self._chain = _Chain(stages)
-        self._empty = (1, module.model.head.projected_channels, 0, cols // STRIDE)
+        self._empty = (1, module.model.head.projected_channels, 0, cols // OUTPUT_STRIDE)
         self._device = mean.device
 
     def push(self, pixels: torch.Tensor | None, last: bool = False) -> torch.Tensor:

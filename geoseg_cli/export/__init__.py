@@ -1,0 +1,1 @@
+"""Exporting checkpoints to other formats (ONNX); import the submodules, which need PyTorch."""

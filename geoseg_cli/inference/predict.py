@@ -1,0 +1,475 @@
+"""Streaming sliding-window inference: raster in, class-map GeoTIFF out (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from geoseg_cli.errors import CheckpointError, InputError
+from geoseg_cli.inference.outputs import (
+    Outputs,
+    RowWriter,
+    check_outputs,
+    open_writers,
+    output_tags,
+    to_cog,
+)
+from geoseg_cli.inference.plan import Plan, PredictOptions, check_window, make_plan, select_bands
+from geoseg_cli.inference.runtime import Runtime
+from geoseg_cli.inference.shared import RegionReader, SharedPredictor
+from geoseg_cli.inference.tta import mean_of_views, merge_views, tta_views
+from geoseg_cli.inference.windows import coverage, reflect_indices, weights_2d
+from geoseg_cli.progress import progress
+from geoseg_cli.raster import (
+    atomic_output,
+    bounds_window,
+    nodata_valid,
+    open_raster,
+    read_masked,
+)
+from geoseg_cli.vector import write_class_polygons
+
+log = logging.getLogger(__name__)
+
+#: Backbone passes per pixel (windows covering it × TTA views) from which the window
+#: engine's plan suggests the shared engine.
+SHARED_HINT_PASSES = 8
+#: Smallest GDAL block cache used while predicting (bytes).
+_MIN_GDAL_CACHE = 64 * 2**20
+
+
+class Predictor(Protocol):
+    """The per-window model step of the row-band loop, with its share of the plan.
+
+    Attributes:
+        name: The engine's name (``window`` or ``shared``), written to the output tags.
+        source_rows: Raster rows one pass reads at most (sizes the GDAL block cache).
+        needs_band: Whether the step takes the row band's pixels (else it reads its own).
+    """
+
+    name: str
+    source_rows: int
+    needs_band: bool
+
+    def __call__(self, band: np.ndarray | None, offsets: Sequence[int]) -> Iterator[np.ndarray]:
+        """Yield probabilities (K×T×T float32) for each window, in the order of ``offsets``.
+
+        Called once per row band, top to bottom, also for bands without windows to predict
+        (empty ``offsets``), so a step may keep state across bands.
+
+        Args:
+            band: Scaled input rows of the row band, C×T×(padded width) float32, or None
+                when no window needs them.
+            offsets: Column offsets into ``band`` of the windows to predict (each T wide).
+        """
+        ...
+
+    def memory_bytes(self) -> int:
+        """Working memory of the step besides the model's own."""
+        ...
+
+    def describe(self) -> str:
+        """The engine part of the plan log."""
+        ...
+
+
+class WindowPredictor:
+    """The paper's method: the whole network on every window × TTA view, in batches.
+
+    Every view's output is inverted and the views of a window are averaged in a fixed
+    order, so results do not depend on the batch size.
+
+    Args:
+        runtime: The model runtime.
+        plan: The run's plan.
+        batch_size: Images (windows × views) per forward pass (default
+            :data:`DEFAULT_BATCH`).
+    """
+
+    name = "window"
+    needs_band = True
+    #: Windows × views per forward pass when the user gives no batch size.
+    DEFAULT_BATCH = 4
+
+    def __init__(self, runtime: Runtime, plan: Plan, batch_size: int | None = None) -> None:
+        self.runtime = runtime
+        self.plan = plan
+        self.batch_size = batch_size or self.DEFAULT_BATCH
+        self.source_rows = plan.grid.window
+
+    def __call__(self, band: np.ndarray | None, offsets: Sequence[int]) -> Iterator[np.ndarray]:
+        """Probabilities of the windows at ``offsets`` of ``band``."""
+        t, views = self.plan.grid.window, self.plan.views
+        return merge_views(
+            len(offsets),
+            views,
+            self.batch_size,
+            lambda i, v: views[v].apply(band[:, :, offsets[i] : offsets[i] + t]),
+            self._forward,
+            mean_of_views,
+        )
+
+    def memory_bytes(self) -> int:
+        """One forward pass's inputs and outputs."""
+        t, c, k = self.plan.grid.window, len(self.plan.bands), self.plan.num_classes
+        return self.batch_size * (c + 2 * k) * t * t * 4
+
+    def describe(self) -> str:
+        """The engine part of the plan log."""
+        g, views = self.plan.grid, len(self.plan.views)
+        passes = len(g.row_starts) * -(-len(g.col_starts) * views // self.batch_size)
+        return (
+            f"window engine, at most {g.count * views} images in {passes} forward passes "
+            f"of <= {self.batch_size}"
+        )
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        probs = self.runtime.predict(np.ascontiguousarray(batch, dtype=np.float32))
+        expected = (batch.shape[0], self.plan.num_classes, *batch.shape[2:])
+        if probs.shape != expected:
+            raise CheckpointError(
+                f"the model returned probabilities of shape {probs.shape} for input "
+                f"{batch.shape} (expected {expected}); use --window {self.runtime.info.window} "
+                "or a model exported with --dynamic-size"
+            )
+        return probs
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What :func:`predict_raster` wrote.
+
+    Attributes:
+        output: The class map.
+        probabilities: The probability raster, if asked for.
+        vector: The polygon file, if asked for.
+        windows: Windows predicted (windows holding only nodata are skipped).
+        skipped: Windows skipped because they hold only nodata.
+        polygons: Polygons written to ``vector``.
+    """
+
+    output: Path
+    probabilities: Path | None
+    vector: Path | None
+    windows: int
+    skipped: int
+    polygons: int = 0
+
+
+def _engine_stride(
+    name: str, runtime: Runtime, options: PredictOptions, window: int, stride: int
+) -> tuple[type[WindowPredictor] | type[SharedPredictor], int]:
+    """The engine to run and its stride, with the shared engine's fallbacks logged.
+
+    The shared engine needs a runtime that runs backbone and head separately, and
+    overlapping windows once its stride is rounded to the feature grid.
+    """
+    if options.engine == WindowPredictor.name:
+        passes = (window / stride) ** 2 * len(tta_views(options.tta))
+        if runtime.feature_channels is not None and passes >= SHARED_HINT_PASSES:
+            log.info(
+                "%s: the window engine runs the backbone about %.0f times per pixel; "
+                "--engine shared runs it once per TTA view",
+                name,
+                passes,
+            )
+        return WindowPredictor, stride
+    if runtime.feature_channels is None:
+        log.info(
+            "%s: the model cannot run its backbone and head separately (an ONNX model needs "
+            "the .backbone.onnx and .head.onnx files geoseg export writes beside it); "
+            "using the window engine",
+            name,
+        )
+        return WindowPredictor, stride
+    unit = runtime.output_stride
+    rounded = SharedPredictor.grid_stride(window, stride, unit)
+    if rounded == window:
+        log.info(
+            "%s: stride %d leaves the windows without overlap: nothing to share, "
+            "using the window engine",
+            name,
+            stride,
+        )
+        return WindowPredictor, stride
+    if rounded != stride:
+        log.info(
+            "%s: shared engine: stride %d rounded to %d, and the grid starts on a multiple "
+            "of %d px (windows must start on the feature grid; --engine window keeps exact "
+            "strides)",
+            name,
+            stride,
+            rounded,
+            unit,
+        )
+    return SharedPredictor, rounded
+
+
+def prepare(
+    runtime: Runtime, src: rasterio.DatasetReader, options: PredictOptions
+) -> tuple[Plan, Predictor]:
+    """Check the options, the raster and the model, and build the plan and its engine.
+
+    Raises:
+        UsageError: Bad window, stride, batch size, engine, tile or band selection.
+        InputError: The raster does not fit the model (bands, dtype) or the bounds miss it.
+    """
+    options.check()
+    window = options.window or runtime.info.window
+    stride = options.stride or window // 2
+    check_window(window, stride, runtime.output_stride)
+    engine, stride = _engine_stride(src.name, runtime, options, window, stride)
+    plan = make_plan(src, runtime.info, options, window, stride, runtime.output_stride)
+    if engine is WindowPredictor:
+        return plan, WindowPredictor(runtime, plan, options.batch_size)
+    read = _region_reader(src, plan)
+    return plan, SharedPredictor(
+        runtime, plan, read, options.batch_size, options.tile, options.halo
+    )
+
+
+def predict_raster(
+    runtime: Runtime,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    options: PredictOptions | None = None,
+) -> PredictResult:
+    """Segment one raster into a class-map GeoTIFF (and optional extras).
+
+    For each row band of windows, top to bottom: read the band's rows (reflect-padded past
+    the raster edges) and valid mask; the engine turns the windows holding valid pixels
+    into probabilities; these, weighted by a smooth window, are added to a rolling
+    accumulator holding only the rows still open; rows no later window touches get their
+    class by argmax and are written. Memory is O(width × T × classes), whatever the height.
+
+    Args:
+        runtime: The model runtime (classes, input scaling, window, forward pass).
+        source: Input raster (anything ``rasterio.open`` accepts).
+        output: Class-map GeoTIFF to write.
+        options: Prediction options (defaults: model window, stride T/2, no TTA).
+
+    Returns:
+        What was written.
+
+    Raises:
+        GeosegError: Bad input, bad options or an unwritable output; nothing is left under
+            the final names.
+    """
+    options = options or PredictOptions()
+    outputs = _check_outputs(Path(output), options, [source])
+    with open_raster(source) as src:
+        plan, predictor = prepare(runtime, src, options)
+        memory = plan.memory_bytes() + predictor.memory_bytes()
+        log.info(
+            "%s: %s: %s; about %.0f MiB working memory besides the model",
+            source,
+            plan.describe(),
+            predictor.describe(),
+            memory / 2**20,
+        )
+        tags = output_tags(runtime.info, runtime.model_hash, plan, predictor.name)
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(atomic_output(p, options.overwrite)) for p in outputs.all()]
+            class_tmp = tmps[0]
+            prob_tmp = tmps[1] if outputs.probabilities else None
+            vector_tmp = tmps[-1] if outputs.vector else None
+            stream_class, stream_prob = class_tmp, prob_tmp
+            if options.cog:  # stream to plain GeoTIFFs first, then copy them to COGs
+                stream_class = class_tmp.with_name(f"stream-{class_tmp.name}")
+                stream_prob = prob_tmp and prob_tmp.with_name(f"stream-{prob_tmp.name}")
+            co = {} if options.cog else options.creation_options
+            # GDAL's block cache would otherwise keep every block read or written (up to 5 %
+            # of RAM), so memory would grow with the raster height; a user's setting wins.
+            cache = _gdal_cache(src, plan, predictor.source_rows)
+            env = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": cache}
+            probabilities = (stream_prob, plan.probabilities) if stream_prob else None
+            with (
+                rasterio.Env(**env),
+                open_writers(
+                    src, plan.region, runtime.info, tags, stream_class, probabilities, co
+                ) as writers,
+            ):
+                ran, skipped = _stream(src, plan, predictor, writers)
+            if ran == 0:
+                raise InputError(
+                    f"{source}: every pixel of the predicted area is nodata; "
+                    "check --nodata, -b or --bounds"
+                )
+            if options.cog:
+                to_cog(stream_class, class_tmp, "MODE", options.creation_options)
+                if prob_tmp:
+                    to_cog(stream_prob, prob_tmp, "AVERAGE", options.creation_options)
+            polygons = (
+                write_class_polygons(class_tmp, vector_tmp, runtime.info.classes)
+                if vector_tmp
+                else 0
+            )
+    log.info("%s: %d windows predicted, %d nodata-only windows skipped", source, ran, skipped)
+    if outputs.vector:
+        log.info("%s: %d polygons", outputs.vector, polygons)
+    return PredictResult(
+        outputs.classes, outputs.probabilities, outputs.vector, ran, skipped, polygons
+    )
+
+
+def _check_outputs(
+    output: Path, options: PredictOptions, sources: Sequence[str | os.PathLike]
+) -> Outputs:
+    return check_outputs(
+        output,
+        options.probabilities is not None,
+        Path(options.vector) if options.vector else None,
+        options.cog,
+        options.creation_options,
+        options.overwrite,
+        sources,
+    )
+
+
+def predict_rasters(
+    runtime: Runtime,
+    sources: Sequence[str],
+    outputs: Sequence[Path],
+    vectors: Sequence[Path | None],
+    options: PredictOptions,
+) -> Iterator[PredictResult]:
+    """Predict several rasters in turn, after checking every input and output.
+
+    Existing outputs, unreadable inputs and inputs that do not fit the model (bands, data
+    type, ``--bounds``) are refused before the first raster starts.
+
+    Yields:
+        One result per source, as each finishes.
+    """
+    per_output = [dataclasses.replace(options, vector=v) for v in vectors]
+    for output, output_options in zip(outputs, per_output, strict=True):
+        _check_outputs(output, output_options, sources)
+    if len(sources) > 1:
+        for source in sources:
+            with open_raster(source) as src:
+                select_bands(src, runtime.info, options.bands)
+                if options.bounds:
+                    bounds_window(src, options.bounds)
+    for source, output, output_options in zip(sources, outputs, per_output, strict=True):
+        yield predict_raster(runtime, source, output, output_options)
+
+
+def _gdal_cache(src: rasterio.DatasetReader, plan: Plan, source_rows: int) -> int:
+    """A GDAL block cache (bytes) holding the source blocks one pass touches, no more."""
+    first = plan.bands[0] - 1
+    block_rows = src.block_shapes[first][0]
+    row_bytes = min(src.width, plan.padded_width) * len(plan.bands)
+    row_bytes *= np.dtype(src.dtypes[first]).itemsize
+    return max(_MIN_GDAL_CACHE, 2 * (source_rows + 2 * block_rows) * row_bytes)
+
+
+def _region_reader(src: rasterio.DatasetReader, plan: Plan) -> RegionReader:
+    """Reads scaled bands over region pixel spans, reflect-padded past the raster edges."""
+    top, left = int(plan.region.row_off), int(plan.region.col_off)
+
+    def read(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        row_idx = reflect_indices(top + rows[0], top + rows[1], src.height)
+        col_idx = reflect_indices(left + cols[0], left + cols[1], src.width)
+        r0, c0 = int(row_idx.min()), int(col_idx.min())
+        window = Window(c0, r0, int(col_idx.max()) + 1 - c0, int(row_idx.max()) + 1 - r0)
+        data = src.read(list(plan.bands), window=window)
+        return np.multiply(data[:, row_idx - r0][:, :, col_idx - c0], plan.scale, dtype=np.float32)
+
+    return read
+
+
+def _read(src: rasterio.DatasetReader, plan: Plan, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Raw bands and valid mask over ``window`` (by the plan's nodata rule)."""
+    if plan.nodata is None:
+        return read_masked(src, window, list(plan.bands))
+    data = src.read(list(plan.bands), window=window)
+    return data, nodata_valid(data, plan.nodata)
+
+
+def _stream(
+    src: rasterio.DatasetReader,
+    plan: Plan,
+    predictor: Predictor,
+    writers: list[RowWriter],
+) -> tuple[int, int]:
+    """Run the row-band loop; returns (windows predicted, windows skipped)."""
+    grid, region = plan.grid, plan.region
+    t, s, k = grid.window, grid.stride, plan.num_classes
+    height, width = grid.height, grid.width
+    rows, cols = grid.row_starts, grid.col_starts
+    pad_lo, pad_hi = grid.padded_cols
+    col_idx = reflect_indices(region.col_off + pad_lo, region.col_off + pad_hi, src.width)
+    read_c0 = int(col_idx.min())
+    col_idx -= read_c0
+    region_c0 = int(region.col_off) - read_c0
+    weights = weights_2d(t)
+    row_cov = coverage(rows, t, height).astype(np.float32)
+    col_cov = coverage(cols, t, width).astype(np.float32)
+    accumulator = np.zeros((k, t, width), dtype=np.float32)
+    scratch = np.empty((k, t, t), dtype=np.float32)
+    nodata = writers[0].dst.nodata
+    ran = skipped = 0
+    with progress(total=grid.count, unit="win", desc=str(src.name)) as bar:
+        for b, r in enumerate(rows):
+            r = int(r)
+            row_idx = reflect_indices(region.row_off + r, region.row_off + r + t, src.height)
+            read_r0 = int(row_idx.min())
+            read = Window(
+                read_c0, read_r0, int(col_idx.max()) + 1, int(row_idx.max()) + 1 - read_r0
+            )
+            data, valid = _read(src, plan, read)
+            y0, y1 = max(0, r), min(height, r + t)
+            band_valid = valid[
+                region.row_off + y0 - read_r0 : region.row_off + y1 - read_r0,
+                region_c0 : region_c0 + width,
+            ]
+            has_data = band_valid.any(axis=0)
+            kept = [int(c) for c in cols if has_data[max(0, c) : c + t].any()]
+            # The step sees every band, in order, even one without windows to predict.
+            band = None
+            if kept and predictor.needs_band:
+                band = np.multiply(
+                    data[:, row_idx - read_r0][:, :, col_idx], plan.scale, dtype=np.float32
+                )
+            del data
+            for c, probs in zip(kept, predictor(band, [c - pad_lo for c in kept]), strict=True):
+                x0, x1 = max(0, c), min(width, c + t)
+                part = np.multiply(
+                    probs[:, :, x0 - c : x1 - c],
+                    weights[:, x0 - c : x1 - c],
+                    out=scratch[:, :, : x1 - x0],
+                )
+                accumulator[:, :, x0:x1] += part
+            ran += len(kept)
+            skipped += len(cols) - len(kept)
+            bar.update(len(cols))
+
+            f0, f1 = grid.finished_rows(b)
+            if f1 > f0:
+                sums = accumulator[:, f0 - r : f1 - r]
+                ok = band_valid[f0 - y0 : f1 - y0]
+                # every class of a pixel has the same summed weight: the class map needs
+                # the weighted sums only
+                class_map = sums.argmax(axis=0).astype(writers[0].dst.dtypes[0])
+                class_map[~ok] = nodata
+                writers[0].write(class_map[np.newaxis], ok)
+                if len(writers) > 1:
+                    probs = sums / (row_cov[f0:f1, None] * col_cov[None, :])
+                    if plan.probabilities == "uint8":
+                        probs = np.rint(probs * 255)
+                    probs[:, ~ok] = 0
+                    writers[1].write(probs.astype(plan.probabilities), ok)
+            if b + 1 < len(rows):
+                accumulator[:, : t - s] = accumulator[:, s:]
+                accumulator[:, t - s :] = 0
+    return ran, skipped
