@@ -29,9 +29,8 @@ import rasterio
 import torch
 
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.engine import load_engine
+from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
 from geoseg_cli.metrics import boundary_mask
-from geoseg_cli.predict import PredictOptions, predict_raster
 
 
 def run(engine: object, raster: Path, out: Path, engine_name: str, stride: int, tta: str | None):
@@ -58,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as the geoseg command does
     torch.set_num_threads(args.threads)
-    engine = load_engine(args.checkpoint, "cpu")
+    engine = load_runtime(args.checkpoint, "cpu")
     print(f"model {args.checkpoint} (window {engine.info.window}), raster {args.raster}")
     print("| stride:TTA | window s | shared s | agreement | confident pixels | agreement there "
           "| disagreeing pixels within 2 px of a boundary |")  # fmt: skip

@@ -50,10 +50,10 @@ from geoseg_cli.checkpoint import (
     save_checkpoint,
 )
 from geoseg_cli.demo import DEMO_CLASSES, DEMO_CRS, make_scene, scene_transform
-from geoseg_cli.engine import TorchEngine
 from geoseg_cli.export.onnx import export_onnx
-from geoseg_cli.onnx_engine import OnnxEngine
-from geoseg_cli.predict import PredictOptions, predict_raster
+from geoseg_cli.inference import PredictOptions, predict_raster
+from geoseg_cli.inference.onnx_runtime import OnnxRuntime
+from geoseg_cli.inference.torch_runtime import TorchRuntime
 
 
 def write_scene(path: Path, size: int) -> np.ndarray:
@@ -183,9 +183,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         export_seconds[name] = time.perf_counter() - start
     window = exports["fp32"].window
 
-    torch_engine = TorchEngine(ckpt, "cpu")
-    onnx_engine = OnnxEngine(exports["fp32"].path, "cpu", threads=args.threads)
-    int8_engine = OnnxEngine(exports["int8"].path, "cpu", threads=args.threads)
+    torch_engine = TorchRuntime(ckpt, "cpu")
+    onnx_engine = OnnxRuntime(exports["fp32"].path, "cpu", threads=args.threads)
+    int8_engine = OnnxRuntime(exports["int8"].path, "cpu", threads=args.threads)
     x = np.random.default_rng(0).random((1, 3, window, window), dtype=np.float32)
     lat = latencies(
         {

@@ -111,13 +111,13 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from geoseg_cli.allocator import keep_freed_memory
-    from geoseg_cli.engine import TorchEngine
-    from geoseg_cli.predict import PredictOptions, predict_raster
+    from geoseg_cli.inference import PredictOptions, predict_raster
+    from geoseg_cli.inference.torch_runtime import TorchRuntime
 
     keep_freed_memory()  # as the geoseg command does
     torch.set_num_threads(args.threads)
     engine = (
-        StandInEngine(args.window) if args.engine == "stand-in" else TorchEngine(args.ckpt, "cpu")
+        StandInEngine(args.window) if args.engine == "stand-in" else TorchRuntime(args.ckpt, "cpu")
     )
     start = time.perf_counter()
     result = {}

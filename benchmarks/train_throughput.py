@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.engine import resolve_device
-from geoseg_cli.train import (
-    TrainConfig,
+from geoseg_cli.distributed import resolve_device
+from geoseg_cli.optim import (
     amp_dtype,
     forward_loss,
     make_scheduler,
     optimizer_step,
     parameter_groups,
 )
+from geoseg_cli.train_config import TrainConfig
 from models import SegmentationLoss, count_parameters, create_model
 
 

@@ -1,15 +1,4 @@
-"""Keep freed memory for reuse: a process-wide glibc malloc setting for faster CPU inference.
-
-PyTorch on CPU allocates every large activation anew. glibc serves blocks above its mmap
-threshold (at most 32 MiB) with ``mmap`` and unmaps them when they are freed, so each
-forward pass page-faults its large activations in again; on a 2-core VM that cost the
-resnet50 backbone about a quarter of its speed (2.15 vs 2.8 Mpx/s). PyTorch's CPU tuning
-advice is to preload jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same effect
-from glibc itself by serving large blocks from the heap and not trimming it.
-
-The cost: memory freed by the process stays mapped (its peak resident size is unchanged).
-The ``geoseg`` command calls it at start; library users may call it themselves.
-"""
+"""Keep freed memory for reuse: a process-wide glibc malloc setting for faster CPU inference."""
 
 from __future__ import annotations
 
@@ -28,6 +17,13 @@ _TRIM_THRESHOLD = 2**31 - 1
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve large blocks from the heap and keep freed ones for reuse.
+
+    PyTorch on CPU allocates every large activation anew; glibc serves blocks above its
+    mmap threshold with ``mmap`` and unmaps them when freed, so every forward pass would
+    page-fault its large activations in again. PyTorch's CPU tuning advice is to preload
+    jemalloc or tcmalloc; this gets the same effect from glibc itself. The cost: memory the
+    process frees stays mapped (its peak resident size is unchanged). The ``geoseg`` command
+    calls it at start; library users may call it themselves.
 
     Returns:
         Whether the setting took effect (False on anything but Linux with glibc).

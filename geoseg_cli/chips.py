@@ -240,3 +240,29 @@ def read_manifest(chips_dir: str | os.PathLike) -> list[ChipRecord]:
             )
         records.append(record)
     return records
+
+
+def load_training_chips(
+    chips_dir: str | os.PathLike,
+) -> tuple[ChipStats, list[ChipRecord], list[ChipRecord]]:
+    """The statistics, train chips and val chips of a folder that training can use.
+
+    Raises:
+        InputError: The folder is unreadable, lacks a split, or has fewer than two classes.
+    """
+    stats = load_stats(chips_dir)
+    records = read_manifest(chips_dir)
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    if not train or not val:
+        raise InputError(
+            f"{Path(chips_dir) / MANIFEST}: {len(train)} train and {len(val)} val chips; "
+            "training needs both (re-tile with a val split)"
+        )
+    if len(stats.classes) < 2:
+        raise InputError(
+            f"{Path(chips_dir) / STATS}: one class ({stats.classes[0].name}); segmentation "
+            "needs at least two. Re-tile with a classes file that maps every label value "
+            "(e.g. value = 255 for a 0/255 mask), or another --ignore-index"
+        )
+    return stats, train, val

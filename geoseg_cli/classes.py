@@ -291,4 +291,3 @@ def load_classes(
     """Load a classes file or preset (``isprs``) as a :class:`ClassTable`."""
     data, source = read_classes_document(spec)
     return parse_classes(data, source, ignore_index, require_colors)
-

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -73,3 +75,34 @@ def resolve_device(device: str, env: Torchrun | None = None) -> torch.device:
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def process_group(env: Torchrun, device_kind: str) -> Iterator[None]:
+    """Join the torchrun process group for the body (NCCL on CUDA, gloo on CPU), if needed.
+
+    A group that already exists (the caller's) is used and left in place.
+    """
+    if not env.enabled:
+        yield
+        return
+    import torch.distributed as dist
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(
+            "nccl" if device_kind == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60)
+        )
+    try:
+        yield
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(env: Torchrun) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()

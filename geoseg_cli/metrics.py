@@ -227,6 +227,14 @@ class Metrics:
         """Mean IoU over the included classes with a defined IoU."""
         return self._mean(self.iou)
 
+    def scores(self) -> dict[str, float]:
+        """OA, mF1, mIoU and every class's F1 and IoU, flat (a row of ``metrics.csv``)."""
+        row = {"oa": self.oa, "mf1": self.mf1, "miou": self.miou}
+        for name, f1, iou in zip(self.classes, self.f1, self.iou, strict=True):
+            row[f"f1_{name}"] = float(f1)
+            row[f"iou_{name}"] = float(iou)
+        return row
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (undefined scores are None)."""
         rows = zip(

@@ -29,12 +29,11 @@ from geoseg_cli.raster import (
     open_raster,
     read_masked,
 )
+from geoseg_cli.splits import SPLITS, assign_splits
 from geoseg_cli.vector import is_vector_path
 
 log = logging.getLogger(__name__)
 
-#: Validation split rules: whole images (``source``) or single chips (``random``).
-SPLITS = ("source", "random")
 #: Chip size in pixels (the paper's training window).
 DEFAULT_SIZE = 448
 #: Chips with a larger nodata fraction are skipped.
@@ -293,49 +292,6 @@ def _cut_source(
     return chips, skipped
 
 
-def _assign_splits(
-    chips: list[_Chip], n_sources: int, mode: str, val_fraction: float, seed: int
-) -> None:
-    """Mark chips "val" or "train": whole images (``source``) or single chips (``random``).
-
-    By image, images are visited in a seeded random order and each is taken for validation
-    when that brings the validation chips nearer ``val_fraction`` of all chips (the
-    smallest image when none does), never leaving training without chips; so images of very
-    different sizes do not put most chips in validation.
-    """
-    rng = np.random.default_rng([seed, 1])
-    if mode == "source":
-        per_source = np.bincount([c.source for c in chips], minlength=n_sources)
-        target, taken, val_sources = val_fraction * len(chips), 0, set()
-        for source in rng.permutation(n_sources).tolist():
-            n = per_source[source]
-            if taken + n < len(chips) and abs(taken + n - target) < abs(taken - target):
-                val_sources.add(source)
-                taken += n
-        candidates = [i for i, n in enumerate(per_source) if 0 < n < len(chips)]
-        if val_fraction > 0 and not val_sources and candidates:
-            smallest = min(candidates, key=lambda i: per_source[i])
-            val_sources, taken = {smallest}, per_source[smallest]
-        share = taken / len(chips)
-        if val_fraction > 0 and not val_sources:
-            log.warning("all chips come from one image: no validation chips; use --split random")
-        elif val_sources and not 0.5 * val_fraction <= share <= 1.5 * val_fraction:
-            log.warning(
-                "the %d validation image(s) hold %.0f%% of the chips (--val-fraction %g): "
-                "the images differ too much in size to split by image; use --split random or "
-                "more images",
-                len(val_sources),
-                100 * share,
-                val_fraction,
-            )
-        for chip in chips:
-            chip.record.split = "val" if chip.source in val_sources else "train"
-    else:
-        n_val = min(round(val_fraction * len(chips)), len(chips) - 1)
-        for i in rng.permutation(len(chips))[:n_val]:
-            chips[i].record.split = "val"
-
-
 def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float]]:
     """Merge per-chip (n, mean, M2) of train chips (Chan et al.) into mean and std."""
     n, mean, m2 = 0, np.zeros(bands), np.zeros(bands)
@@ -500,7 +456,8 @@ def tile(
                 f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or check "
                 "the images' nodata"
             )
-        _assign_splits(chips, len(infos), mode, val_fraction, seed)
+        sources = [c.source for c in chips]
+        assign_splits([c.record for c in chips], sources, len(infos), mode, val_fraction, seed)
         counts = _write_index(out, chips, infos, opts, None if count else stride)
     empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
     if empty:

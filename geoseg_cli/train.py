@@ -1,43 +1,21 @@
-"""Training: the paper's recipe, AMP, DDP under ``torchrun``, exact resume (DESIGN.md §5).
-
-``train(TrainConfig(chips_dir, output))`` reads a ``geoseg tile`` folder and writes into the
-run folder: ``config.toml`` (the resolved configuration), ``metrics.csv`` (one row per
-epoch), ``best.pt`` (best validation score), ``last.pt`` (full training state for
-``--resume``) and ``curves.png`` (when matplotlib is installed).
-
-Exactness of ``--resume``: the model, optimizer, LR scheduler, gradient scaler, and every
-rank's torch/numpy/python (and CUDA) RNG states are restored from ``last.pt``; the chip
-order comes from a sampler seeded by (seed, epoch) and augmentations from generators
-seeded by (seed, epoch, chip), so epoch N+1 after a resume is the epoch N+1 of an
-uninterrupted run.
-
-Distributed: when started by ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
-DistributedDataParallel (NCCL on CUDA, gloo on CPU), training chips are sharded by a
-DistributedSampler and ``--batch-size`` is per process. Validation is sharded too and its
-confusion matrices summed, so every rank knows the scores; only rank 0 logs and writes.
-"""
+"""Training: the paper's recipe, AMP, DDP under ``torchrun``, exact resume (DESIGN.md §5)."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
 from geoseg_cli.checkpoint import (
@@ -47,31 +25,35 @@ from geoseg_cli.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from geoseg_cli.chips import ChipStats, load_stats, read_manifest
+from geoseg_cli.chips import load_training_chips
 from geoseg_cli.data import ChipDataset, ceil_to_stride
-from geoseg_cli.distributed import Torchrun, resolve_device, torchrun_env
-from geoseg_cli.errors import CheckpointError, GeosegError, InputError, OutputError, UsageError
+from geoseg_cli.distributed import Torchrun, barrier, process_group, resolve_device, torchrun_env
+from geoseg_cli.errors import CheckpointError, GeosegError, InputError, UsageError
 from geoseg_cli.metrics import ConfusionMatrix, Metrics
-from geoseg_cli.progress import progress
-from geoseg_cli.raster import atomic_output
-from geoseg_cli.train_config import (
-    BEST_METRICS,
-    DEFAULT_LR,
-    TrainConfig,
-    read_config_file,
-    resume_config,
-    write_config_file,
+from geoseg_cli.optim import (
+    amp_dtype,
+    forward_loss,
+    make_scheduler,
+    optimizer_step,
+    parameter_groups,
 )
+from geoseg_cli.progress import progress
+from geoseg_cli.run_state import (
+    check_run_dir,
+    make_run_dir,
+    plot_history,
+    read_history,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_history,
+)
+from geoseg_cli.train_config import TrainConfig, write_config_file
 
 log = logging.getLogger(__name__)
 
-#: Files of a run folder.
-RUN_FILES = ("config.toml", "metrics.csv", "best.pt", "last.pt", "curves.png")
 #: Debug aid: when set to a folder, every rank saves its final weights there (rank<N>.pt).
 DUMP_ENV = "GEOSEG_DEBUG_RANK_WEIGHTS"
-
-
-# --- results ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -101,191 +83,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-# --- distributed context --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Dist(Torchrun):
-    """The torchrun environment, and whether this run created the process group."""
-
-    owns_group: bool = False
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.enabled:
-            dist.barrier()
-
-
-def _start_distributed(env: Torchrun, device_kind: str) -> _Dist:
-    """Join the torchrun process group when several processes run."""
-    if not env.enabled:
-        return _Dist()
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group(
-            "nccl" if device_kind == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60)
-        )
-    return _Dist(env.rank, env.world_size, env.local_rank, owns_group)
-
-
-# --- RNG state as plain containers (loadable with weights_only=True) -------------------------
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --- optimisation ----------------------------------------------------------------------------
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, bias_lr_factor: float
-) -> list[dict[str, Any]]:
-    """The paper's optimizer groups.
-
-    Weights: ``lr`` with weight decay; norm parameters and other 0/1-d tensors: ``lr``
-    without decay; biases (outside norm layers): ``lr × bias_lr_factor`` without decay.
-    """
-    norm_params = {
-        id(p)
-        for module in model.modules()
-        if isinstance(module, _NORM_TYPES)
-        for p in module.parameters(recurse=False)
-    }
-    decay, no_decay, biases = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if id(param) in norm_params:
-            no_decay.append(param)
-        elif name.endswith("bias"):
-            biases.append(param)
-        elif param.ndim <= 1:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": biases, "lr": lr * bias_lr_factor, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor(
-    step: int,
-    steps_per_epoch: int,
-    total_steps: int,
-    power: float = 0.9,
-    step_epochs: int = 15,
-    gamma: float = 0.85,
-) -> float:
-    """Multiplier of the initial LR after ``step`` optimizer steps.
-
-    Polynomial decay ``(1 − step/total)^power`` combined with ``gamma`` every
-    ``step_epochs`` epochs.
-    """
-    poly = max(0.0, 1.0 - step / total_steps) ** power
-    return poly * gamma ** (step // steps_per_epoch // step_epochs)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> LambdaLR:
-    """A per-step LambdaLR of :func:`lr_factor` (its state is a step counter, so resuming
-    restores it exactly)."""
-    total = config.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        return lr_factor(
-            step,
-            steps_per_epoch,
-            total,
-            config.poly_power,
-            config.lr_step_epochs,
-            config.lr_step_gamma,
-        )
-
-    return LambdaLR(optimizer, factor)
-
-
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, else fp16 on CUDA; None (fp32) otherwise."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def forward_loss(
-    net: nn.Module,
-    criterion: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """Training-mode forward pass and total loss, under autocast when ``dtype`` is set."""
-    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        return criterion(net(images), labels).total
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    scheduler: LambdaLR,
-) -> None:
-    """Back-propagate ``loss`` (scaled for fp16), step the optimizer, then the LR schedule."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-
-
-# --- the trainer -----------------------------------------------------------------------------
-
-
 class _NonFiniteLoss(Exception):
     def __init__(self, value: float) -> None:
         super().__init__(value)
@@ -295,28 +92,14 @@ class _NonFiniteLoss(Exception):
 class _Trainer:
     """One training run on one process (one rank under torchrun)."""
 
-    def __init__(self, config: TrainConfig, ctx: _Dist, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, ctx: Torchrun, device: torch.device) -> None:
         from models import SegmentationLoss
 
         self.config = config
         self.ctx = ctx
         self.device = device
         self.run_dir = config.output
-        self.stats: ChipStats = load_stats(config.chips_dir)
-        records = read_manifest(config.chips_dir)
-        train_records = [r for r in records if r.split == "train"]
-        val_records = [r for r in records if r.split == "val"]
-        if not train_records or not val_records:
-            raise InputError(
-                f"{config.chips_dir}/manifest.csv: {len(train_records)} train and "
-                f"{len(val_records)} val chips; training needs both (re-tile with a val split)"
-            )
-        if len(self.stats.classes) < 2:
-            raise InputError(
-                f"{config.chips_dir}/stats.json: one class ({self.stats.classes[0].name}); "
-                "segmentation needs at least two. Re-tile with a classes file that maps every "
-                "label value (e.g. value = 255 for a 0/255 mask), or another --ignore-index"
-            )
+        self.stats, train_records, val_records = load_training_chips(config.chips_dir)
         if config.window > max(max(r.width, r.height) for r in train_records) and ctx.is_main:
             log.warning("window %d is larger than the chips: they are padded", config.window)
         self.class_names = [c.name for c in self.stats.classes]
@@ -356,7 +139,7 @@ class _Trainer:
         self.val_loader = DataLoader(val_set, shuffle=False, **loader_args)
         self.steps_per_epoch = len(self.train_loader)
 
-        _seed_everything(config.seed)  # identical initial weights on every rank
+        seed_everything(config.seed)  # identical initial weights on every rank
         try:
             model = create_model_from_spec(self.spec)
         except ValueError as exc:
@@ -392,8 +175,6 @@ class _Trainer:
         self.history: list[dict[str, float]] = []
         self.net: nn.Module = self.model
 
-    # -- state --------------------------------------------------------------------------------
-
     def restore(self) -> None:
         """Load ``last.pt`` of the run folder (model, optimizer, scheduler, scaler, RNG)."""
         path = self.run_dir / "last.pt"
@@ -425,26 +206,20 @@ class _Trainer:
         self.best_value = None if best is None else float(best)
         ranks = training["rng"].get("ranks", [])
         if len(ranks) == self.ctx.world_size:
-            _set_rng_state(ranks[self.ctx.rank], self.device)
+            set_rng_state(ranks[self.ctx.rank], self.device)
         else:
             if self.ctx.is_main:
                 log.warning(
-                    "%s was written by %d process(es), this run has %d: random streams are "
-                    "re-seeded, so the run is not bit-identical to an uninterrupted one",
-                    path,
-                    len(ranks),
-                    self.ctx.world_size,
+                    f"{path} was written by {len(ranks)} process(es), this run has "
+                    f"{self.ctx.world_size}: random streams are re-seeded, so the run is not "
+                    "bit-identical to an uninterrupted one"
                 )
-            _seed_everything(self.config.seed + 1000 * self.epoch + self.ctx.rank)
+            seed_everything(self.config.seed + 1000 * self.epoch + self.ctx.rank)
         if self.steps_per_epoch * self.epoch != self.step and self.ctx.is_main:
             log.warning("steps per epoch changed since the run started; the LR schedule shifts")
-        self.history = [row for row in _read_history(self.run_dir) if row["epoch"] <= self.epoch]
+        self.history = [row for row in read_history(self.run_dir) if row["epoch"] <= self.epoch]
         self._log(
-            "resuming %s at epoch %d/%d (step %d)",
-            path,
-            self.epoch + 1,
-            self.config.epochs,
-            self.step,
+            f"resuming {path} at epoch {self.epoch + 1}/{self.config.epochs} (step {self.step})"
         )
 
     def _checkpoint(self, training: dict[str, Any]) -> Checkpoint:
@@ -460,14 +235,12 @@ class _Trainer:
         )
 
     def _gather_rng(self) -> list[dict[str, Any]]:
-        state = _rng_state(self.device)
+        state = rng_state(self.device)
         if not self.ctx.enabled:
             return [state]
         states: list[Any] = [None] * self.ctx.world_size
         dist.all_gather_object(states, state)
         return states
-
-    # -- loop ---------------------------------------------------------------------------------
 
     def run(self, on_epoch_end: Callable[[dict[str, float]], None] | None) -> TrainResult:
         config = self.config
@@ -475,20 +248,13 @@ class _Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None
             )
+        processes = f" x{self.ctx.world_size} processes" if self.ctx.enabled else ""
+        amp = f", AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else ""
         self._log(
-            "training %s/%s on %s%s%s: %d train / %d val chips, window %d, batch %d, "
-            "%d steps per epoch, loss %s",
-            config.variant,
-            config.backbone,
-            self.device,
-            f" x{self.ctx.world_size} processes" if self.ctx.enabled else "",
-            f", AMP {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "",
-            len(self.train_set),
-            self.num_val,
-            config.window,
-            config.batch_size,
-            self.steps_per_epoch,
-            config.loss,
+            f"training {config.variant}/{config.backbone} on {self.device}{processes}{amp}: "
+            f"{len(self.train_set)} train / {self.num_val} val chips, window {config.window}, "
+            f"batch {config.batch_size}, {self.steps_per_epoch} steps per epoch, loss "
+            f"{config.loss}"
         )
         for epoch in range(self.epoch, config.epochs):
             started = time.perf_counter()
@@ -506,7 +272,7 @@ class _Trainer:
             self.epoch = epoch + 1
             if self.ctx.is_main:
                 self._save(record, rng)
-            self.ctx.barrier()
+            barrier(self.ctx)
             if on_epoch_end is not None:
                 on_epoch_end(record)
         self._dump_rank_weights()
@@ -582,9 +348,9 @@ class _Trainer:
             return iterable
         return progress(iterable, desc=desc, unit="batch")
 
-    def _log(self, message: str, *args: Any) -> None:
+    def _log(self, message: str) -> None:
         if self.ctx.is_main:
-            log.info(message, *args)
+            log.info(message)
 
     def _record(
         self, epoch: int, train_loss: float, val_loss: float, metrics: Metrics, seconds: float
@@ -595,15 +361,8 @@ class _Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "train_loss": train_loss,
             "val_loss": val_loss,
-            "oa": metrics.oa,
-            "mf1": metrics.mf1,
-            "miou": metrics.miou,
         }
-        for name, f1, iou in zip(self.class_names, metrics.f1, metrics.iou, strict=True):
-            record[f"f1_{name}"] = float(f1)
-            record[f"iou_{name}"] = float(iou)
-        record["seconds"] = seconds
-        return record
+        return {**record, **metrics.scores(), "seconds": seconds}
 
     def _save(self, record: dict[str, float], rng: list[dict[str, Any]]) -> None:
         """Rank 0: metrics.csv, best.pt (if improved), last.pt, curves.png."""
@@ -618,7 +377,7 @@ class _Trainer:
         if improved:
             self.best_value = value
         scores = {"epoch": self.epoch, "step": self.step, "best_metric": self.best_value}
-        _write_history(self.run_dir / "metrics.csv", self.history)
+        write_history(self.run_dir / "metrics.csv", self.history)
         if improved:
             save_checkpoint(self._checkpoint(scores), self.run_dir / "best.pt")
         training = {
@@ -629,21 +388,14 @@ class _Trainer:
             "rng": {"ranks": rng},
         }
         save_checkpoint(self._checkpoint(training), self.run_dir / "last.pt")
-        _plot_history(self.run_dir / "curves.png", self.history)
+        plot_history(self.run_dir / "curves.png", self.history)
+        best = self.best_value if self.best_value is not None else float("nan")
         log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, OA %.4f, mF1 %.4f, mIoU %.4f "
-            "(best %s %.4f)%s [%.1f s]",
-            self.epoch,
-            self.config.epochs,
-            record["train_loss"],
-            record["val_loss"],
-            record["oa"],
-            record["mf1"],
-            record["miou"],
-            self.config.best_metric,
-            self.best_value if self.best_value is not None else float("nan"),
-            " *" if improved else "",
-            record["seconds"],
+            f"epoch {self.epoch}/{self.config.epochs}: train loss {record['train_loss']:.4f}, "
+            f"val loss {record['val_loss']:.4f}, OA {record['oa']:.4f}, "
+            f"mF1 {record['mf1']:.4f}, mIoU {record['miou']:.4f} "
+            f"(best {self.config.best_metric} {best:.4f}){' *' if improved else ''} "
+            f"[{record['seconds']:.1f} s]"
         )
 
     def _non_finite_error(self, epoch: int, value: float) -> GeosegError:
@@ -682,78 +434,6 @@ class _Trainer:
         )
 
 
-# --- run folder files ------------------------------------------------------------------------
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: v if isinstance(v, int) else repr(v) for k, v in row.items()})
-
-
-def _read_history(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {k: int(v) if k in ("epoch", "step") else float(v) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
-
-
-def _plot_history(path: Path, history: list[dict[str, float]]) -> None:
-    """Loss and score curves; a log note when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-    except ImportError:
-        if len(history) == 1:
-            log.info("matplotlib is not installed: no curves.png (pip install matplotlib)")
-        return
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(10, 4))
-    losses, scores = fig.subplots(1, 2)
-    curves = {"train_loss": "train (with L_kl, L_dl)", "val_loss": "val (segmentation)"}
-    for key, label in curves.items():
-        losses.plot(epochs, [row[key] for row in history], marker="o", label=label)
-    for key in ("oa", "mf1", "miou"):
-        scores.plot(epochs, [row[key] for row in history], marker="o", label=key)
-    losses.set(xlabel="epoch", ylabel="loss", title="loss")
-    scores.set(xlabel="epoch", ylabel="score", title="validation", ylim=(0, 1))
-    for ax in (losses, scores):
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_output(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=100)
-
-
-def _prepare_run_dir(config: TrainConfig, resume: bool, ctx: _Dist) -> None:
-    run_dir = config.output
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise CheckpointError(f"{run_dir}: no last.pt to resume from; start a new run")
-    else:
-        existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-        if existing and not config.overwrite:
-            raise OutputError(
-                f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume "
-                f"{run_dir} to continue it or --overwrite to start over"
-            )
-    ctx.barrier()  # every rank has checked before rank 0 changes anything
-    if not ctx.is_main:
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OutputError(f"{run_dir} is a file; give a folder for the run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-
-
 def train(
     config: TrainConfig,
     *,
@@ -761,6 +441,17 @@ def train(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train a model on a chips folder; resumable, distributed under ``torchrun``.
+
+    Reads a ``geoseg tile`` folder and writes into the run folder ``config.toml`` (the
+    resolved configuration), ``metrics.csv`` (one row per epoch), ``best.pt`` (best
+    validation score), ``last.pt`` (full training state) and ``curves.png`` (with
+    matplotlib). ``resume`` restores the model, optimizer, LR scheduler, gradient scaler and
+    every rank's RNG states from ``last.pt``; the chip order comes from a sampler seeded by
+    (seed, epoch) and augmentations from generators seeded by (seed, epoch, chip), so epoch
+    N+1 after a resume is the epoch N+1 of an uninterrupted run. Under ``torchrun`` the model
+    is wrapped in DistributedDataParallel (NCCL on CUDA, gloo on CPU), training and
+    validation chips are sharded, ``batch_size`` is per process, and only rank 0 logs and
+    writes.
 
     Args:
         config: The run (see :class:`TrainConfig`); ``config.output`` is the run folder.
@@ -777,42 +468,23 @@ def train(
             became NaN/inf (``last.pt`` of the previous epoch is kept).
     """
     config.validate()
-    env = torchrun_env()
-    device = resolve_device(config.device, env)
-    ctx = _start_distributed(env, device.type)
-    try:
+    ctx = torchrun_env()
+    device = resolve_device(config.device, ctx)
+    with process_group(ctx, device.type):
         config = dataclasses.replace(
             config,
             output=Path(config.output).absolute(),
             chips_dir=Path(config.chips_dir).absolute(),
         )
         trainer = _Trainer(config, ctx, device)
-        _prepare_run_dir(config, resume, ctx)
+        check_run_dir(config.output, resume, config.overwrite)
+        barrier(ctx)  # every rank has checked before rank 0 changes anything
+        if ctx.is_main:
+            make_run_dir(config.output, resume)
         if resume:
             trainer.restore()
         else:
-            _seed_everything(config.seed + ctx.rank)
+            seed_everything(config.seed + ctx.rank)
         if ctx.is_main:  # only once the run is known good: a refused resume changes nothing
             write_config_file(config, config.output / "config.toml")
         return trainer.run(on_epoch_end)
-    finally:
-        if ctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-__all__ = [
-    "BEST_METRICS",
-    "DEFAULT_LR",
-    "TrainConfig",
-    "TrainResult",
-    "amp_dtype",
-    "forward_loss",
-    "lr_factor",
-    "make_scheduler",
-    "optimizer_step",
-    "parameter_groups",
-    "read_config_file",
-    "resume_config",
-    "train",
-    "write_config_file",
-]

@@ -1,15 +1,8 @@
-"""Training configuration: the paper's defaults, flat TOML files, and resume rules.
-
-A run is defined by one flat :class:`TrainConfig`. ``geoseg train`` resolves it from the
-defaults, an optional ``--config FILE.toml`` (keys are the field names; dashes or
-underscores) and explicit flags, in that order, and saves the result as
-``RUN_DIR/config.toml``, which ``--resume`` reads back.
-"""
+"""Training configuration: the paper's defaults, flat TOML files, and the resume rules."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types
@@ -19,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geoseg_cli.distributed import DEVICES
 from geoseg_cli.errors import UsageError
 from geoseg_cli.raster import atomic_output
+from geoseg_cli.tomlfile import read_toml, toml_value
+from models import BACKBONES, DEFAULT_BACKBONE, DEFAULT_MODEL, LOSS_KINDS, list_models
 
 #: Paper's initial learning rate.
 DEFAULT_LR = 8.5e-5 / math.sqrt(2)
@@ -35,6 +31,10 @@ NOT_SAVED = ("overwrite",)
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; defaults follow the SCG-Net paper.
+
+    ``geoseg train`` resolves it from these defaults, an optional ``--config FILE.toml``
+    (keys are the field names; dashes or underscores) and explicit flags, in that order,
+    and saves the result as ``RUN_DIR/config.toml``, which ``--resume`` reads back.
 
     Attributes:
         chips_dir: Folder written by ``geoseg tile``.
@@ -65,8 +65,8 @@ class TrainConfig:
 
     chips_dir: Path
     output: Path
-    variant: str = "scg-gcn"
-    backbone: str = "resnet50"
+    variant: str = DEFAULT_MODEL
+    backbone: str = DEFAULT_BACKBONE
     window: int = 448
     epochs: int = 50
     batch_size: int = 4
@@ -135,14 +135,12 @@ class TrainConfig:
         Raises:
             UsageError: The first invalid setting, with the valid choices.
         """
-        from models import BACKBONES, LOSS_KINDS, list_models
-
         choices = {
             "variant": list_models(),
             "backbone": list(BACKBONES),
             "loss": list(LOSS_KINDS),
             "best_metric": list(BEST_METRICS),
-            "device": ["auto", "cpu", "cuda"],
+            "device": list(DEVICES),
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -196,46 +194,18 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such config file; check the --config path")
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as exc:
-            raise UsageError(
-                f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`"
-            ) from exc
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid TOML ({exc})") from exc
+    data = read_toml(path, UsageError)
     tables = [key for key, value in data.items() if isinstance(value, dict)]
     if tables:
         raise UsageError(f"{path}: the config is flat key = value pairs; remove tables {tables}")
     return data
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def write_config_file(config: TrainConfig, path: str | os.PathLike) -> None:
     """Save ``config`` as flat TOML (readable by :func:`read_config_file`), atomically."""
     lines = ["# geoseg train configuration (resolved); reuse with --config", ""]
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_SAVED}
-    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -1,4 +1,4 @@
-"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch, geoseg's internal model library.
+"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch: geoseg's model library.
 
 Example:
     >>> import torch
@@ -9,6 +9,7 @@ Example:
 
 from models.backbone import (
     BACKBONES,
+    DEFAULT_BACKBONE,
     OUTPUT_STRIDE,
     ResNetTrunk,
     WeightsError,
@@ -25,6 +26,8 @@ from models.losses import (
 from models.net import SCGHead, SCGNet, SegmentationOutput
 from models.registry import (
     DEFAULT_MODEL,
+    REFERENCE_BANDS,
+    REFERENCE_CLASSES,
     VARIANTS,
     Variant,
     count_parameters,
@@ -37,9 +40,12 @@ from models.streaming import Dihedral, FeatureStream
 
 __all__ = [
     "BACKBONES",
+    "DEFAULT_BACKBONE",
     "DEFAULT_MODEL",
     "LOSS_KINDS",
     "OUTPUT_STRIDE",
+    "REFERENCE_BANDS",
+    "REFERENCE_CLASSES",
     "VARIANTS",
     "Dihedral",
     "FeatureStream",

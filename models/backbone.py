@@ -77,7 +77,7 @@ class Bottleneck(nn.Module):
 
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
-    """torchvision's ``downsample`` (1×1 conv + BN) where the shape changes, else None."""
+    """Torchvision's ``downsample`` (1×1 conv + BN) where the shape changes, else None."""
     if stride == 1 and in_planes == out_planes:
         return None
     return nn.Sequential(
@@ -93,7 +93,9 @@ class BackboneSpec:
     layers: tuple[int, int, int]
 
 
-#: Backbones offered by :func:`models.create_model` (ResNet-50 is the paper's).
+#: The paper's backbone.
+DEFAULT_BACKBONE = "resnet50"
+#: Backbones offered by :func:`models.create_model`.
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(Bottleneck, (3, 4, 6)),
     "resnet34": BackboneSpec(BasicBlock, (3, 4, 6)),
@@ -110,7 +112,7 @@ class ResNetTrunk(nn.Module):
         out_channels: Feature channels of layer3 (1024 for ResNet-50, 256 for ResNet-18/34).
     """
 
-    def __init__(self, name: str = "resnet50", in_channels: int = 3) -> None:
+    def __init__(self, name: str = DEFAULT_BACKBONE, in_channels: int = 3) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
@@ -199,7 +201,8 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a torchvision-format state dict (``torch.save`` file or ``.safetensors``, as
-    timm downloads), unwrapping common containers."""
+    timm downloads), unwrapping common containers.
+    """
     if not path.is_file():
         raise WeightsError(f"{path}: no such backbone weights file; check the path")
     data: Any

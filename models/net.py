@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -14,13 +15,29 @@ from models.backbone import ResNetTrunk
 from models.gnn import GNN_LAYERS
 from models.scg import SCGBlock, from_nodes, to_nodes
 
-if TYPE_CHECKING:
-    from models.registry import Variant
-
 T = TypeVar("T")
 
 #: Hidden features d of the first graph layer.
 HIDDEN_FEATURES = 128
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variant registry (the paper's Table III).
+
+    Attributes:
+        name: Registry name.
+        scg: SCG block kind (``scg``, ``scgae`` or ``scgdir``).
+        gnn1: First (hidden) graph layer (``gcn`` or ``gin``).
+        gnn2: Second (output) graph layer (``gcn`` or ``gin``).
+        residual: Whether the SCG residual Ẑ is summed onto the GNN output.
+    """
+
+    name: str
+    scg: str
+    gnn1: str
+    gnn2: str
+    residual: bool
 
 
 class SegmentationOutput(NamedTuple):
@@ -50,7 +67,8 @@ def _in_float32(
     method: Callable[[SCGHead, torch.Tensor], T],
 ) -> Callable[[SCGHead, torch.Tensor], T]:
     """Run a head method in float32 with autocast off when autocast is on (the adjacency
-    Z·Zᵀ, γ and the logarithms are range-sensitive); otherwise in the input's dtype."""
+    Z·Zᵀ, γ and the logarithms are range-sensitive); otherwise in the input's dtype.
+    """
 
     @functools.wraps(method)
     def wrapper(self: SCGHead, x: torch.Tensor) -> T:
@@ -116,7 +134,8 @@ class SCGHead(nn.Module):
     @_in_float32
     def decode(self, projected: torch.Tensor) -> torch.Tensor | SegmentationOutput:
         """The rest of the head on one window's projected features B×P×h×w: the graph,
-        the graph layers and the residual (what :meth:`forward` returns)."""
+        the graph layers and the residual (what :meth:`forward` returns).
+        """
         height, width = projected.shape[-2:]
         if self.nodes is not None:  # average pooling commutes with the linear projection
             projected = F.adaptive_avg_pool2d(projected, self.nodes)

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from models.backbone import BACKBONES, ResNetTrunk
-from models.net import SCGHead, SCGNet
+from models.backbone import BACKBONES, DEFAULT_BACKBONE, ResNetTrunk
+from models.net import SCGHead, SCGNet, Variant
 
 #: The paper's model, used when no variant is named.
 DEFAULT_MODEL = "scg-gcn"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of Table III.
-
-    Attributes:
-        name: Registry name.
-        scg: SCG block kind (``scg``, ``scgae`` or ``scgdir``).
-        gnn1: First (hidden) graph layer (``gcn`` or ``gin``).
-        gnn2: Second (output) graph layer (``gcn`` or ``gin``).
-        residual: Whether the SCG residual Ẑ is summed onto the GNN output.
-    """
-
-    name: str
-    scg: str
-    gnn1: str
-    gnn2: str
-    residual: bool
+#: The sizes parameter counts are quoted for: the paper's 6 ISPRS classes from RGB bands.
+REFERENCE_CLASSES, REFERENCE_BANDS = 6, 3
 
 
 #: Every registered variant by name (paper Table III).
@@ -69,7 +51,7 @@ def create_model(
     name: str,
     num_classes: int,
     in_channels: int = 3,
-    backbone: str = "resnet50",
+    backbone: str = DEFAULT_BACKBONE,
     nodes: Sequence[int] | None = None,
 ) -> SCGNet:
     """Build an (untrained) SCG-Net variant.
@@ -108,7 +90,9 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def describe_models(
-    num_classes: int = 6, in_channels: int = 3, backbone: str = "resnet50"
+    num_classes: int = REFERENCE_CLASSES,
+    in_channels: int = REFERENCE_BANDS,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> list[dict[str, Any]]:
     """One plain row per registered variant, with its parameter count for the given sizes.
 

@@ -19,7 +19,8 @@ Layer = Callable[[torch.Tensor, int, int], torch.Tensor]
 class _Stage(Protocol):
     def push(self, x: torch.Tensor | None, last: bool) -> torch.Tensor | None:
         """Take the next input rows (None: none) and return the output rows now complete
-        (None: none); ``last`` marks the end of the input."""
+        (None: none); ``last`` marks the end of the input.
+        """
 
 
 class _Pointwise:
@@ -100,7 +101,8 @@ class _Chain:
 
 class _Residual:
     """``relu(main(x) + shortcut(x))``: shortcut rows wait until the main path (which lags
-    by its kernels' reach) catches up; they are added piece by piece, never copied."""
+    by its kernels' reach) catches up; they are added piece by piece, never copied.
+    """
 
     def __init__(self, main: _Chain, shortcut: _Stage | None) -> None:
         self.main, self.shortcut = main, shortcut
@@ -166,7 +168,8 @@ class _Builder:
 
     def _sliding(self, kernel: int, stride: int, padding: int, layer: Layer) -> _Stage:
         """Stage of a layer with ``kernel``, ``stride`` and symmetric ``padding`` in the
-        view; advances the tracked size."""
+        view; advances the tracked size.
+        """
         left = self._before(self.reverse_cols, kernel, stride, padding)
         right = stride * (self.cols // stride - 1) - left + kernel - self.cols
         top = self._before(self.reverse_rows, kernel, stride, padding)

@@ -25,16 +25,13 @@ from geoseg_cli.cli import cli
 from geoseg_cli.data import ChipDataset
 from geoseg_cli.errors import UsageError
 from geoseg_cli.inference.torch_runtime import TorchRuntime
-from geoseg_cli.train import (
-    DUMP_ENV,
-    RUN_FILES,
+from geoseg_cli.optim import lr_factor, make_scheduler, parameter_groups
+from geoseg_cli.run_state import RUN_FILES
+from geoseg_cli.train import DUMP_ENV, train
+from geoseg_cli.train_config import (
     TrainConfig,
-    lr_factor,
-    make_scheduler,
-    parameter_groups,
     read_config_file,
     resume_config,
-    train,
     write_config_file,
 )
 from models import create_model

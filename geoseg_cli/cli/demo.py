@@ -9,6 +9,7 @@ import click
 
 from geoseg_cli.cli.options import device_opt, json_opt, overwrite_opt
 from geoseg_cli.demo import DemoConfig, run_demo
+from models import BACKBONES
 
 
 @click.command(short_help="Run the whole lifecycle on a generated scene.")
@@ -36,7 +37,7 @@ from geoseg_cli.demo import DemoConfig, run_demo
 )
 @click.option(
     "--backbone",
-    type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+    type=click.Choice(list(BACKBONES)),
     default=DemoConfig.backbone,
     show_default=True,
     help="Backbone of the demo model.",

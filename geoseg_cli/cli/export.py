@@ -47,7 +47,7 @@ def export() -> None:
 @click.option(
     "--int8",
     is_flag=True,
-    help="Dynamic int8 quantization for CPU inference: 4× smaller; check the class "
+    help="Dynamic int8 quantization for CPU inference: a smaller file; check the class "
     "agreement it reports.",
 )
 @click.option(

@@ -7,7 +7,13 @@ import json
 import click
 
 from geoseg_cli.cli.options import json_opt
-from models import BACKBONES, describe_models
+from models import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    REFERENCE_BANDS,
+    REFERENCE_CLASSES,
+    describe_models,
+)
 
 
 @click.command()
@@ -15,21 +21,21 @@ from models import BACKBONES, describe_models
     "--classes",
     "num_classes",
     type=click.IntRange(min=1),
-    default=6,
+    default=REFERENCE_CLASSES,
     show_default=True,
     help="Number of output classes the parameter counts are computed for.",
 )
 @click.option(
     "--bands",
     type=click.IntRange(min=1),
-    default=3,
+    default=REFERENCE_BANDS,
     show_default=True,
     help="Number of input bands the parameter counts are computed for.",
 )
 @click.option(
     "--backbone",
     type=click.Choice(list(BACKBONES)),
-    default="resnet50",
+    default=DEFAULT_BACKBONE,
     show_default=True,
     help="ResNet trunk (resnet50 is the paper's; resnet18/34 are lighter for CPUs).",
 )

@@ -13,6 +13,9 @@ from geoseg_cli.cli.options import (
     json_opt,
     overwrite_opt,
 )
+from geoseg_cli.splits import SPLITS
+from geoseg_cli.tiling import DEFAULT_MAX_NODATA, DEFAULT_SIZE, DEFAULT_VAL_FRACTION
+from geoseg_cli.tiling import tile as run_tile
 
 
 def expand_variadic_option(args: list[str], name: str) -> list[str]:
@@ -64,7 +67,7 @@ class _TileCommand(click.Command):
 @click.option(
     "--size",
     type=click.IntRange(min=1),
-    default=448,
+    default=DEFAULT_SIZE,
     show_default=True,
     help="Chip size in pixels.",
 )
@@ -93,20 +96,20 @@ class _TileCommand(click.Command):
 @click.option(
     "--max-nodata",
     type=click.FloatRange(0, 1),
-    default=0.5,
+    default=DEFAULT_MAX_NODATA,
     show_default=True,
     help="Skip chips with a larger nodata fraction.",
 )
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.2,
+    default=DEFAULT_VAL_FRACTION,
     show_default=True,
     help="Share of validation data.",
 )
 @click.option(
     "--split",
-    type=click.Choice(["auto", "source", "random"]),
+    type=click.Choice(["auto", *SPLITS]),
     default="auto",
     show_default=True,
     help="Validation split: whole images (source) or single chips (random); auto = source "
@@ -178,8 +181,6 @@ def tile(
       geoseg tile ortho.tif --labels buildings.geojson --count 500 -o chips/
       geoseg tile ortho.tif --labels landuse.geojson --class-field type -b 1 -b 2 -b 3 -o chips/
     """
-    from geoseg_cli.tiling import tile as run_tile
-
     summary = run_tile(
         list(images),
         list(labels),

@@ -101,8 +101,8 @@ def convert(proto: Any, precision: str, workdir: Path) -> Any:
         onnx.save_model(proto, fp32)
         with quiet_exporter():
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            # uint8 weights: onnxruntime's ConvInteger runs u8×u8 several times faster
-            # than u8×s8 on x86 CPUs, and cannot saturate on CPUs without VNNI.
+            # uint8 weights: onnxruntime's ConvInteger runs u8×u8 faster than u8×s8 on x86
+            # CPUs, and cannot saturate on CPUs without VNNI.
             quantize_dynamic(prepared, quantized, weight_type=QuantType.QUInt8)
         return onnx.load(str(quantized))
     return proto

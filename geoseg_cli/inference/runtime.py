@@ -1,10 +1,8 @@
-"""The seam between predict and a model runtime (PyTorch or ONNX Runtime), and how to open one."""
+"""The seam between predict and a model runtime (PyTorch or ONNX Runtime)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -62,17 +60,3 @@ class Runtime(Protocol):
     def feature_stream(self, view: View, rows: int, cols: int) -> StreamPush:
         """Features of one view over a ``rows × cols`` area, fed top to bottom."""
         ...
-
-
-def load_runtime(path: str | os.PathLike, device: str = "auto") -> Runtime:
-    """Open a model file: ``.onnx`` runs on ONNX Runtime, anything else is a checkpoint.
-
-    Only the runtime a file needs is imported: an ONNX model never imports PyTorch.
-    """
-    if Path(path).suffix.lower() == ".onnx":
-        from geoseg_cli.inference.onnx_runtime import OnnxRuntime
-
-        return OnnxRuntime(path, device)
-    from geoseg_cli.inference.torch_runtime import TorchRuntime
-
-    return TorchRuntime(path, device)
