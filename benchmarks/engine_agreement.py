@@ -1,4 +1,4 @@
-"""Class agreement of ``--engine shared`` with ``--engine window`` on a trained model (issue 8).
+"""Class agreement of ``--engine shared`` with ``--engine window`` on a trained model.
 
 Predicts RASTER with CHECKPOINT through both engines for each STRIDE:TTA configuration and
 prints, over the valid pixels of the window engine's map: the share of pixels with the same

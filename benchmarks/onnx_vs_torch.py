@@ -40,70 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import onnxruntime as ort
 import rasterio
 import torch
+from common import write_checkpoint, write_scene
 
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.checkpoint import (
-    Checkpoint,
-    InputSpec,
-    ModelSpec,
-    create_model_from_spec,
-    save_checkpoint,
-)
-from geoseg_cli.demo import DEMO_CLASSES, DEMO_CRS, make_scene, scene_transform
 from geoseg_cli.export.onnx import export_onnx
 from geoseg_cli.inference import PredictOptions, predict_raster
 from geoseg_cli.inference.onnx_runtime import OnnxRuntime
 from geoseg_cli.inference.torch_runtime import TorchRuntime
-
-
-def write_scene(path: Path, size: int) -> np.ndarray:
-    """The demo's synthetic scene (size×size, 3-band uint8, UTM 0.5 m) as a tiled GeoTIFF."""
-    image, _ = make_scene(size, seed=1)
-    image = np.where(image == 0, 1, image).astype(np.uint8)  # no nodata: time every pixel
-    profile = {
-        "driver": "GTiff",
-        "height": size,
-        "width": size,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": DEMO_CRS,
-        "transform": scene_transform(size, 1),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(image)
-    return image
-
-
-def make_checkpoint(path: Path, args: argparse.Namespace, image: np.ndarray) -> None:
-    """An untrained checkpoint whose BatchNorm statistics come from windows of ``image``."""
-    torch.manual_seed(0)
-    spec = ModelSpec(args.variant, args.backbone, len(DEMO_CLASSES), 3)
-    model = create_model_from_spec(spec)
-    scaled = torch.from_numpy(image).float() / 255
-    mean, std = scaled.mean(dim=(1, 2)), scaled.std(dim=(1, 2))
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    t = args.window
-    with torch.no_grad():
-        for i in range(4):
-            r, c = (i * t // 2) % (image.shape[1] - t), (i * t) % (image.shape[2] - t)
-            window = scaled[:, r : r + t, c : c + t].unsqueeze(0)
-            model((window - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
-    ckpt = Checkpoint(
-        model=spec,
-        classes=DEMO_CLASSES,
-        ignore_index=255,
-        input=InputSpec([1, 2, 3], "uint8", 1 / 255, mean.tolist(), std.tolist(), resolution=0.5),
-        window=t,
-        state_dict=model.eval().state_dict(),
-    )
-    save_checkpoint(ckpt, path)
 
 
 def session(path: Path, threads: int, level: str = "all") -> Callable[[np.ndarray], np.ndarray]:
@@ -167,11 +110,11 @@ def main() -> None:
 def run(args: argparse.Namespace, work: Path) -> None:
     """Build (or take) the model, export it, measure, print the tables."""
     scene = work / "scene.tif"
-    image = write_scene(scene, args.size)
+    image = write_scene(scene, args.size, nodata=False)
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = work / "model.pt"
-        make_checkpoint(ckpt, args, image)
+        write_checkpoint(ckpt, args.variant, args.backbone, args.window, image)
     exports, export_seconds = {}, {}
     for name, kwargs in {
         "fp32": {},

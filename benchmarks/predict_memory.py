@@ -1,5 +1,6 @@
-"""Peak memory of ``geoseg predict`` versus raster size (DESIGN.md §6: memory must not grow
-with the raster height).
+"""Peak memory of ``geoseg predict`` versus raster size (DESIGN.md §6.
+
+Memory must not grow with the raster height).
 
 Each prediction runs in a fresh subprocess; its peak RSS is the ``ru_maxrss`` that
 ``os.wait4`` reports for that child. A baseline child only loads the model, so the table
@@ -14,6 +15,7 @@ Usage::
 
 Sizes are HEIGHTxWIDTH. Synthetic 3-band uint8 rasters (tiled, DEFLATE) are written once
 to ``--data`` and reused.
+
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import print_table
 
 DEFAULT_SIZES = ("4096x4096", "8192x4096", "16384x4096", "4096x8192", "4096x16384")
 
@@ -87,7 +90,12 @@ def make_checkpoint(path: Path, window: int) -> None:
 
 
 class StandInEngine:
-    """A cheap engine (softmax of the scaled bands) for measuring the pipeline alone."""
+    """A cheap runtime (softmax of the scaled bands) for measuring the pipeline alone."""
+
+    on_gpu = False
+    output_stride = 16
+    feature_channels = None
+    streams = False
 
     def __init__(self, window: int) -> None:
         from geoseg_cli.checkpoint import ClassInfo, InputSpec, ModelInfo, ModelSpec
@@ -202,15 +210,7 @@ def main() -> None:
     print(f"engine: {args.engine} ({args.predict_engine}), window {args.window}, stride "
           f"{args.stride}, batch {args.batch_size or 'default'}, {args.threads} threads; "
           f"baseline (engine loaded, nothing predicted): {baseline:.0f} MiB")  # fmt: skip
-    if args.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-    else:
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-        for line in (header, *lines):
-            print("  ".join(v.rjust(n) for v, n in zip(line, widths, strict=True)))
+    print_table(header, lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""Training throughput: images/s and peak memory of one optimizer step, fp32 versus AMP.
+r"""Training throughput: images/s and peak memory of one optimizer step, fp32 versus AMP.
 
 Runs geoseg's own training step (``forward_loss`` + ``optimizer_step`` from
-``geoseg_cli.train``: Adam/AMSGrad with the paper's parameter groups, Dice + L_kl + L_dl,
+``geoseg_cli.optim``: Adam/AMSGrad with the paper's parameter groups, Dice + L_kl + L_dl,
 poly LR schedule) on random data already on the device, so the numbers measure the model,
 not the data pipeline. On CUDA it compares fp32 with AMP (bf16 where supported, else fp16
 with loss scaling), both channels_last, and prints their ratio; on CPU it runs fp32 only.
 
 Examples:
     python benchmarks/train_throughput.py                          # scg-gcn, 448 px, batch 8
-    python benchmarks/train_throughput.py --backbone resnet18 --window 224 --batch-size 2 \\
+    python benchmarks/train_throughput.py --backbone resnet18 --window 224 --batch-size 2 \
         --steps 5 --warmup 1                                       # a quick CPU run
 """
 

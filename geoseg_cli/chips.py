@@ -1,12 +1,4 @@
-"""The chips-folder contract between ``geoseg tile`` and ``geoseg train``: manifest and statistics.
-
-Layout::
-
-    CHIPS_DIR/images/<chip_id>.tif   image chip: selected bands, source dtype, window transform
-    CHIPS_DIR/labels/<chip_id>.tif   class ids (uint8, uint16 above 255), nodata = ignore index
-    CHIPS_DIR/manifest.csv           one row per chip (:class:`ChipRecord`)
-    CHIPS_DIR/stats.json             scaling, classes and class weights (:class:`ChipStats`)
-"""
+"""The chips-folder contract between ``geoseg tile`` and ``train``: manifest and statistics."""
 
 from __future__ import annotations
 
@@ -123,7 +115,15 @@ class ChipStats:
 def write_chips_index(
     chips_dir: str | os.PathLike, records: Sequence[ChipRecord], stats: ChipStats
 ) -> None:
-    """Write ``manifest.csv`` and ``stats.json`` into ``chips_dir``."""
+    """Write ``manifest.csv`` and ``stats.json`` into ``chips_dir``.
+
+    Layout::
+
+        CHIPS_DIR/images/<chip_id>.tif   image chip: selected bands, source dtype, window transform
+        CHIPS_DIR/labels/<chip_id>.tif   class ids (uint8, uint16 above 255), nodata = ignore index
+        CHIPS_DIR/manifest.csv           one row per chip (:class:`ChipRecord`)
+        CHIPS_DIR/stats.json             scaling, classes and class weights (:class:`ChipStats`)
+    """
     chips_dir = Path(chips_dir)
     names = [c.name for c in stats.classes]
     with open(chips_dir / MANIFEST, "w", newline="", encoding="utf-8") as fh:

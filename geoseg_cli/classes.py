@@ -1,20 +1,4 @@
-"""Classes: names, display colours, label values, presets and classes files (TOML or JSON).
-
-A classes file (TOML; JSON with the same keys works too)::
-
-    ignore_index = 255            # optional (default 255)
-    ignore_colors = [[0, 0, 0]]   # optional: palette colours that mean "not labelled"
-
-    [[classes]]
-    name = "background"
-    color = [0, 0, 0]             # optional for class-index labels
-    [[classes]]
-    name = "road"
-    color = [255, 0, 0]
-    value = 255                   # optional: raw label value (default: the class position)
-
-Class ids are positions in the list; the ignore index is never a class id.
-"""
+"""Classes: names, display colours, label values, presets and classes files (TOML or JSON)."""
 
 from __future__ import annotations
 
@@ -159,8 +143,11 @@ class ClassTable:
         return lowered.index("background") if "background" in lowered else self.ignore_index
 
     def map_values(self, raw: np.ndarray) -> np.ndarray:
-        """Map raw label values to class ids; other values (the ignore index, unless a class
-        claims it as its ``value``, and NaN or infinite floats) → ignore."""
+        """Map raw label values to class ids.
+
+        Other values (the ignore index, unless a class claims it as its ``value``, and NaN or
+        infinite floats) → ignore.
+        """
         if raw.dtype.kind != "f":
             return self._lookup(raw.astype(np.int64, copy=False), self._values, ())
         finite = np.isfinite(raw)
@@ -210,8 +197,23 @@ def parse_classes(
 ) -> ClassTable:
     """Build a :class:`ClassTable` from a classes-file document.
 
+    A classes file (TOML; JSON with the same keys works too)::
+
+        ignore_index = 255            # optional (default 255)
+        ignore_colors = [[0, 0, 0]]   # optional: palette colours that mean "not labelled"
+
+        [[classes]]
+        name = "background"
+        color = [0, 0, 0]             # optional for class-index labels
+        [[classes]]
+        name = "road"
+        color = [255, 0, 0]
+        value = 255                   # optional: raw label value (default: the class position)
+
+    Class ids are positions in the list; the ignore index is never a class id.
+
     Args:
-        data: The parsed TOML/JSON document (see the module docstring for its keys).
+        data: The parsed TOML/JSON document (keys above).
         source: File name or preset name, for messages.
         ignore_index: Overrides the document's ``ignore_index`` when given.
         require_colors: Every class needs a colour (palette label rasters).

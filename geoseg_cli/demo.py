@@ -1,10 +1,4 @@
-"""``geoseg demo``: the whole lifecycle on a generated, georeferenced aerial scene.
-
-The scene is synthetic but shaped like an orthophoto: a road grid, building blocks, tree
-clusters, grass and a lake, with texture and noise, a nodata corner, in UTM (EPSG:32633)
-with 0.5 m pixels. Two scenes are generated from different seeds: one to train on, one as
-the held-out area that is predicted and scored.
-"""
+"""``geoseg demo``: the whole lifecycle on a generated, georeferenced aerial scene."""
 
 from __future__ import annotations
 
@@ -112,6 +106,11 @@ def _render(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 
 def make_scene(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Generate a demo scene.
+
+    The scene is synthetic but shaped like an orthophoto: a road grid, building blocks, tree
+    clusters, grass and a lake, with texture and noise, a nodata corner, in UTM (EPSG:32633)
+    with 0.5 m pixels. Two scenes are generated from different seeds: one to train on, one as
+    the held-out area that is predicted and scored.
 
     Args:
         size: Width and height in pixels.

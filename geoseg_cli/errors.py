@@ -1,12 +1,12 @@
-"""Exceptions raised by the geoseg library.
-
-The CLI maps :class:`UsageError` to exit code 2 and every other :class:`GeosegError` to
-exit code 1, printing the message on one line.
-"""
+"""Exceptions raised by the geoseg library."""
 
 
 class GeosegError(Exception):
-    """A runtime refusal with a message fit for the user (names the file and the fix)."""
+    """A runtime refusal with a message fit for the user (names the file and the fix).
+
+    The CLI maps :class:`UsageError` to exit code 2 and every other :class:`GeosegError` to
+    exit code 1, printing the message on one line.
+    """
 
 
 class UsageError(GeosegError):

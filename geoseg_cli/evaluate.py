@@ -1,12 +1,4 @@
-"""Score a predicted class map against reference labels, streamed by strips of rows.
-
-Memory is O(width × block rows), independent of the raster height. With boundary erosion
-R, each strip is read with R extra rows above and below so that pixels near strip borders
-are eroded exactly as in a whole-raster computation. Reference labels are read as ``geoseg
-tile`` reads them: a raster of class ids, or, with a class table, of raw values or RGB
-colours that it maps to class ids (e.g. the ISPRS colour-coded ground truth with the
-``isprs`` preset), or vector polygons rasterised strip by strip on the prediction's grid.
-"""
+"""Score a predicted class map against reference labels, streamed by strips of rows."""
 
 from __future__ import annotations
 
@@ -50,6 +42,13 @@ def evaluate(
     class_value: int | None = None,
 ) -> Metrics:
     """Confusion matrix and scores of a class map (band 1) against reference labels.
+
+    Memory is O(width × block rows), independent of the raster height. With boundary erosion
+    R, each strip is read with R extra rows above and below so that pixels near strip borders
+    are eroded exactly as in a whole-raster computation. Reference labels are read as ``geoseg
+    tile`` reads them: a raster of class ids, or, with a class table, of raw values or RGB
+    colours that it maps to class ids (e.g. the ISPRS colour-coded ground truth with the
+    ``isprs`` preset), or vector polygons rasterised strip by strip on the prediction's grid.
 
     Args:
         pred_path: Predicted class map (e.g. the output of ``geoseg predict``). Its nodata
@@ -153,9 +152,11 @@ def _label_reader(
     table: ClassTable | None,
     polygons: VectorLabels | None,
 ) -> Iterator[LabelRows]:
-    """Yield a reader of reference label rows on the grid of ``pred``: band 1 of a label
-    raster as class ids, or, through ``table``, label raster values or colours or polygons
-    mapped to class ids (after checking that the table knows every one of them)."""
+    """Yield a reader of reference label rows on the grid of ``pred``.
+
+    Band 1 of a label raster as class ids, or, through ``table``, label raster values or colours
+    or polygons mapped to class ids (after checking that the table knows every one of them).
+    """
     with contextlib.ExitStack() as stack:
         if polygons is None:
             src = stack.enter_context(open_raster(path))
@@ -183,8 +184,9 @@ def _accumulate(
     radius: int,
     block_rows: int | None,
 ) -> tuple[int, int]:
-    """Add every strip of rows to ``matrix``, labels read with ``radius`` rows of context
-    above and below for the boundary erosion.
+    """Add every strip of rows to ``matrix``.
+
+    Labels are read with ``radius`` rows of context above and below for the boundary erosion.
 
     Returns:
         The label pixels left unscored as nodata (negative ids) and as the ignore index.

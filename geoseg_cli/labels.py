@@ -49,10 +49,12 @@ def _format_counts(counts: dict[Any, int], unit: str, limit: int = 10) -> str:
 def warn_unscored_labels(
     path: str, pixels: int, nodata_pixels: int, nodata: float | None, ignored: int, ignore: int
 ) -> None:
-    """Warn about labelled pixels that are dropped without being a class: those equal to the
-    label raster's nodata value (when it is not the ignore index) and those equal to the
-    ignore index. Either may be a class by mistake: the background of a 0/1 mask whose
-    nodata is 0, the objects of a 0/255 mask."""
+    """Warn about labelled pixels that are dropped without being a class.
+
+    Those equal to the label raster's nodata value (when it is not the ignore index) and those
+    equal to the ignore index. Either may be a class by mistake: the background of a 0/1 mask
+    whose nodata is 0, the objects of a 0/255 mask.
+    """
     if nodata_pixels and nodata is not None and nodata != ignore:
         log.warning(
             "%s: %d px (%.1f%%) have the raster's nodata value %g and are ignored; if %g is "
@@ -188,13 +190,16 @@ class RasterLabels:
 
 
 class VectorLabels:
-    """Vector polygons rasterised on the image grid in the image CRS: GeoJSON (read with
-    json + shapely), or any vector format GDAL reads through the optional ``pyogrio``.
+    """Vector polygons rasterised on the image grid in the image CRS.
+
+    GeoJSON (read with json + shapely), or any vector format GDAL reads through the optional
+    ``pyogrio``.
 
     Each feature's class comes from ``class_field`` (integer value or class name) or is the
     constant ``class_value``. Later features are drawn over earlier ones. Polygons are
     reprojected from the file's CRS; a file without one is taken as WGS 84 when every
     coordinate is a plausible lon/lat (RFC 7946 GeoJSON), else as being in the image CRS.
+
     """
 
     kind = "vector"
@@ -364,8 +369,10 @@ LabelSource = RasterLabels | VectorLabels
 def open_labels(
     path: str, class_field: str | None = None, class_value: int | None = None
 ) -> LabelSource:
-    """Open a label source: vector polygons (any of :data:`geoseg_cli.vector.FORMATS`) or a
-    label raster."""
+    """Open a label source.
+
+    Vector polygons (any of :data:`geoseg_cli.vector.FORMATS`) or a label raster.
+    """
     if is_vector_path(path):
         return VectorLabels(path, class_field, class_value)
     return RasterLabels(path)

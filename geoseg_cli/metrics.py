@@ -1,18 +1,4 @@
-"""Segmentation metrics: confusion matrix → OA, per-class precision/recall/F1/IoU, means.
-
-One implementation serves ``geoseg evaluate`` and the validation pass of ``geoseg train``.
-Conventions (ISPRS benchmark):
-
-- Rows of the confusion matrix are reference (label) classes, columns predicted classes.
-- Pixels labelled with the ignore index do not count at all.
-- A labelled pixel without a valid prediction (prediction nodata, ignore index or a value
-  outside the classes) counts as an error of its reference class: it lowers OA, recall, F1
-  and IoU of that class but is nobody's false positive.
-- A per-class score that is 0/0 (class absent from both reference and prediction) is NaN
-  and left out of the means; ``exclude_from_mean`` drops classes (e.g. clutter) on purpose.
-- Boundary erosion of radius R ignores every pixel within R px (Euclidean disc) of a pixel
-  of another class in the reference.
-"""
+"""Segmentation metrics: confusion matrix → OA, per-class precision/recall/F1/IoU, means."""
 
 from __future__ import annotations
 
@@ -152,6 +138,19 @@ def _plain(value: float) -> float | None:
 class Metrics:
     """Scores derived from a confusion matrix.
 
+    One implementation serves ``geoseg evaluate`` and the validation pass of ``geoseg train``.
+    Conventions (ISPRS benchmark):
+
+    - Rows of the confusion matrix are reference (label) classes, columns predicted classes.
+    - Pixels labelled with the ignore index do not count at all.
+    - A labelled pixel without a valid prediction (prediction nodata, ignore index or a value
+      outside the classes) counts as an error of its reference class: it lowers OA, recall, F1
+      and IoU of that class but is nobody's false positive.
+    - A per-class score that is 0/0 (class absent from both reference and prediction) is NaN
+      and left out of the means; ``exclude_from_mean`` drops classes (e.g. clutter) on purpose.
+    - Boundary erosion of radius R ignores every pixel within R px (Euclidean disc) of a pixel
+      of another class in the reference.
+
     Attributes:
         classes: Class names, K of them.
         confusion: K×K counts, rows reference, columns prediction.
@@ -170,6 +169,7 @@ class Metrics:
 
     @property
     def true_positives(self) -> np.ndarray:
+        """Correctly predicted pixels per class."""
         return np.diag(self.confusion)
 
     @property
@@ -194,10 +194,12 @@ class Metrics:
 
     @property
     def precision(self) -> np.ndarray:
+        """TP / predicted pixels per class."""
         return _ratio(self.true_positives, self.predicted)
 
     @property
     def recall(self) -> np.ndarray:
+        """TP / reference pixels per class."""
         return _ratio(self.true_positives, self.support)
 
     @property

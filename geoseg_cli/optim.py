@@ -67,8 +67,7 @@ def lr_factor(
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> LambdaLR:
-    """A per-step LambdaLR of :func:`lr_factor` (its state is a step counter, so resuming
-    restores it exactly)."""
+    """A per-step LambdaLR of :func:`lr_factor`; its state is a step counter, restored exactly."""
     total = config.epochs * steps_per_epoch
 
     def factor(step: int) -> float:

@@ -1,8 +1,4 @@
-"""Progress bars on stderr that follow the logging level (``-q`` silences them), and a log
-handler that writes above them.
-
-tqdm is imported when first used, so that ``geoseg --help`` does not pay for it.
-"""
+"""Progress bars on stderr that follow the logging level, and a log handler writing above them."""
 
 from __future__ import annotations
 
@@ -32,10 +28,13 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
 
 
 class ProgressLogHandler(logging.StreamHandler):
-    """A stream handler whose lines go above any progress bar on the same stream instead of
-    being glued to the bar's line (``tqdm.write`` clears the bars and draws them again)."""
+    """A stream handler whose lines go above any progress bar on the same stream.
+
+    ``tqdm.write`` clears the bars and draws them again, so a line is not glued to a bar.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Write the record above the progress bars."""
         from tqdm import tqdm
 
         try:

@@ -1,10 +1,4 @@
-"""Opening rasters, output safety (atomic writes), and small raster helpers.
-
-Every reader in geoseg opens rasters through :func:`open_raster` so that a missing or
-unreadable file becomes a one-line :class:`~geoseg_cli.errors.InputError`, and every writer
-goes through :func:`atomic_output` so that an interrupted run never leaves a half-written
-file under the final name.
-"""
+"""Opening rasters, output safety (atomic writes), and small raster helpers."""
 
 from __future__ import annotations
 
@@ -332,8 +326,10 @@ def bounds_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float
 
 
 def nodata_valid(data: np.ndarray, nodata: float) -> np.ndarray:
-    """Valid-pixel mask (rows×cols) of ``data`` (bands×rows×cols) for a nodata value:
-    a pixel is nodata when every band equals ``nodata`` (or, for floats, is not finite)."""
+    """Valid-pixel mask (rows×cols) of ``data`` (bands×rows×cols) for a nodata value.
+
+    A pixel is nodata when every band equals ``nodata`` (or, for floats, is not finite).
+    """
     if np.isnan(nodata):
         return np.isfinite(data).any(axis=0)
     valid = (data != nodata).any(axis=0)
@@ -349,8 +345,11 @@ def nodata_value(src: rasterio.DatasetReader) -> float | None:
 
 
 def data_bands(src: rasterio.DatasetReader) -> list[int]:
-    """The 1-based bands that hold data: all but alpha bands, which GDAL reads as the
-    other bands' mask (as QGIS and rio-tiler do); every band when all are alpha."""
+    """The 1-based bands that hold data.
+
+    All but alpha bands, which GDAL reads as the other bands' mask (as QGIS and rio-tiler do);
+    every band when all are alpha.
+    """
     bands = [i for i in src.indexes if src.colorinterp[i - 1] != ColorInterp.alpha]
     return bands or list(src.indexes)
 

@@ -45,8 +45,11 @@ RANDOM_ATTEMPTS = 20
 
 
 def default_scale(dtype: str) -> float:
-    """Factor mapping raw values to about [0, 1]: 1/255 for uint8, 1/10000 for other
-    integers (reflectance-style uint16/int16), 1.0 for floating point."""
+    """Factor mapping raw values to about [0, 1].
+
+    1/255 for uint8, 1/10000 for other integers (reflectance-style uint16/int16), 1.0 for
+    floating point.
+    """
     kind = np.dtype(dtype)
     if kind == np.uint8:
         return 1 / 255

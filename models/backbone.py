@@ -1,10 +1,4 @@
-"""ResNet trunk (stem + layer1..layer3, output stride 16) named exactly like torchvision's.
-
-Module and parameter names equal torchvision's ``resnet18/34/50`` (``conv1``, ``bn1``,
-``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so an ImageNet state dict from
-torchvision or timm loads without renaming; ``layer4`` and ``fc`` do not exist here and their
-keys are ignored by :func:`load_backbone_weights`.
-"""
+"""ResNet trunk (stem + layer1..layer3, output stride 16) named exactly like torchvision's."""
 
 from __future__ import annotations
 
@@ -46,6 +40,7 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block (or trunk) applied to ``x``."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -69,6 +64,7 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block (or trunk) applied to ``x``."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -105,6 +101,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 class ResNetTrunk(nn.Module):
     """ResNet stem + layer1..layer3: B×C×H×W → B×out_channels×⌈H/16⌉×⌈W/16⌉.
+
+    Module and parameter names equal torchvision's ``resnet18/34/50`` (``conv1``, ``bn1``,
+    ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so an ImageNet state dict from
+    torchvision or timm loads without renaming; ``layer4`` and ``fc`` do not exist here and their
+    keys are ignored by :func:`load_backbone_weights`.
 
     Attributes:
         name: Backbone name (``resnet50`` ...).
@@ -168,6 +169,7 @@ class ResNetTrunk(nn.Module):
                     setattr(module, bn_name, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block (or trunk) applied to ``x``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))
 
@@ -200,8 +202,9 @@ def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a torchvision-format state dict (``torch.save`` file or ``.safetensors``, as
-    timm downloads), unwrapping common containers.
+    """Load a torchvision-format state dict, unwrapping common containers.
+
+    A ``torch.save`` file, or the ``.safetensors`` file timm downloads.
     """
     if not path.is_file():
         raise WeightsError(f"{path}: no such backbone weights file; check the path")

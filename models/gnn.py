@@ -1,10 +1,4 @@
-"""Graph layers on the self-constructed graph: GCN and GIN (DESIGN.md §2).
-
-Node features are B×n×d tensors (node-major). The graph is kept as its two parts, the
-learned adjacency A (B×n×n) and the self-loop weights γ·diag(A) (B×n) that the SCG block
-adds to it, so the enhanced adjacency A + γ·diag(A) and the identity terms of the layers
-are applied without materialising n×n identity or diagonal matrices.
-"""
+"""Graph layers on the self-constructed graph: GCN and GIN (DESIGN.md §2)."""
 
 from __future__ import annotations
 
@@ -19,6 +13,11 @@ DEGREE_EPS = 1e-5
 
 class Graph(NamedTuple):
     """The enhanced adjacency A + diag(self_loops) of a batch of graphs.
+
+    Node features are B×n×d tensors (node-major). The graph is kept as its two parts, the
+    learned adjacency A (B×n×n) and the self-loop weights γ·diag(A) (B×n) that the SCG block
+    adds to it, so the enhanced adjacency A + γ·diag(A) and the identity terms of the layers
+    are applied without materialising n×n identity or diagonal matrices.
 
     Attributes:
         adjacency: A = ReLU(Z·Zᵀ) (or the directed form), B×n×n, non-negative.
@@ -105,14 +104,18 @@ class GraphLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, graph: Graph) -> torch.Tensor:
+        """Y = propagate(X·W) + b, then BN + ReLU in a hidden layer."""
         return self.aggregate(nn.functional.linear(x, self.linear.weight), graph)
 
     def aggregate(self, xw: torch.Tensor, graph: Graph) -> torch.Tensor:
-        """The layer after its weight product: propagate X·W (B×n×d, bias not yet added)
-        over the graph, add the bias, then BN + ReLU in a hidden layer.
+        """The layer after its weight product.
+
+        Propagate X·W (B×n×d, bias not yet added) over the graph, add the bias, then BN + ReLU
+        in a hidden layer.
 
         X·W is per node, so a caller may compute it once for many graphs (the SCG head does
         for overlapping windows).
+
         """
         y = self.propagate(graph, xw) + self.linear.bias
         if self.norm is not None:
@@ -126,6 +129,7 @@ class GCNLayer(GraphLayer):
     kind = "gcn"
 
     def propagate(self, graph: Graph, x: torch.Tensor) -> torch.Tensor:
+        """The layer's aggregation of node features over the graph."""
         return gcn_propagate(graph, x)
 
 
@@ -139,6 +143,7 @@ class GINLayer(GraphLayer):
         self.omega = nn.Parameter(torch.zeros(()))
 
     def propagate(self, graph: Graph, x: torch.Tensor) -> torch.Tensor:
+        """The layer's aggregation of node features over the graph."""
         return gin_propagate(graph, x, self.omega)
 
 

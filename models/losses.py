@@ -1,8 +1,4 @@
-"""Segmentation losses: soft Dice (the paper's), cross-entropy, their sum, plus the SCG terms.
-
-The paper's objective (eq. 15) is L = L_dice + L_kl + L_dl; :class:`SegmentationLoss` adds
-the model's auxiliary terms to whichever segmentation loss is chosen.
-"""
+"""Segmentation losses: soft Dice (the paper's), cross-entropy, their sum, plus the SCG terms."""
 
 from __future__ import annotations
 

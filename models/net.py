@@ -66,8 +66,10 @@ def _autocast_enabled(device_type: str) -> bool:
 def _in_float32(
     method: Callable[[SCGHead, torch.Tensor], T],
 ) -> Callable[[SCGHead, torch.Tensor], T]:
-    """Run a head method in float32 with autocast off when autocast is on (the adjacency
-    Z·Zᵀ, γ and the logarithms are range-sensitive); otherwise in the input's dtype.
+    """Run a head method in float32 with autocast off when autocast is on.
+
+    The adjacency Z·Zᵀ, γ and the logarithms are range-sensitive; without autocast the
+    method runs in the input's dtype.
     """
 
     @functools.wraps(method)
@@ -122,19 +124,22 @@ class SCGHead(nn.Module):
 
     @_in_float32
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The head's per-position linear maps of backbone features B×C×h×w: GNN1's X·W
-        and the SCG block's projection (:meth:`SCGBlock.projection_weight`), B×P×h×w.
+        """The head's per-position linear maps of backbone features B×C×h×w.
+
+        GNN1's X·W and the SCG block's projection (:meth:`SCGBlock.projection_weight`), B×P×h×w.
 
         They do not depend on the window, so a caller running the head on many overlapping
         windows may project the features once and crop the windows from the result.
+
         """
         weight = torch.cat([self.gnn1.linear.weight, self.scg.projection_weight()])
         return F.conv2d(features, weight[:, :, None, None])
 
     @_in_float32
     def decode(self, projected: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        """The rest of the head on one window's projected features B×P×h×w: the graph,
-        the graph layers and the residual (what :meth:`forward` returns).
+        """The rest of the head on one window's projected features B×P×h×w.
+
+        The graph, the graph layers and the residual (what :meth:`forward` returns).
         """
         height, width = projected.shape[-2:]
         if self.nodes is not None:  # average pooling commutes with the linear projection
@@ -154,6 +159,7 @@ class SCGHead(nn.Module):
         return SegmentationOutput(logits, kl_loss, scg.dl_loss)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor | SegmentationOutput:
+        """Logits of backbone features (``decode(project(features))``)."""
         return self.decode(self.project(features))
 
 
@@ -181,6 +187,7 @@ class SCGNet(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SegmentationOutput:
+        """Logits B×c×H×W of an input B×C×H×W (with the SCG losses in training mode)."""
         size = x.shape[-2:]
         out = self.head(self.backbone(x))
         if isinstance(out, SegmentationOutput):

@@ -1,11 +1,4 @@
-"""Self-Constructing Graph blocks: SCG (variational), SCGae and SCGdir (DESIGN.md §2).
-
-A block turns backbone features B×C×h×w, projected once per position by its linear maps
-(:meth:`SCGBlock.projection_weight`), into a graph over the n = h·w positions (nodes,
-node-major order), the residual Ẑ that the head may add to its output, and — in training
-mode only — the auxiliary losses L_kl and L_dl. No loss op is built in eval mode, so an
-exported graph holds none.
-"""
+"""Self-Constructing Graph blocks: SCG (variational), SCGae and SCGdir (DESIGN.md §2)."""
 
 from __future__ import annotations
 
@@ -59,6 +52,12 @@ class SCGOutput(NamedTuple):
 
 class SCGBlock(nn.Module):
     """One SCG block of the given kind.
+
+    A block turns backbone features B×C×h×w, projected once per position by its linear maps
+    (:meth:`SCGBlock.projection_weight`), into a graph over the n = h·w positions (nodes,
+    node-major order), the residual Ẑ that the head may add to its output, and — in training
+    mode only — the auxiliary losses L_kl and L_dl. No loss op is built in eval mode, so an
+    exported graph holds none.
 
     ``scg``: M = Conv3×3(F), L = min(Conv1×1(F), 1) = log σ; Z = M + σ·ε in training, M in
     eval; A = ReLU(Z·Zᵀ); residual Ẑ = γ·M⊙(1 − L); L_kl and L_dl in training.

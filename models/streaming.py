@@ -18,8 +18,10 @@ Layer = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 class _Stage(Protocol):
     def push(self, x: torch.Tensor | None, last: bool) -> torch.Tensor | None:
-        """Take the next input rows (None: none) and return the output rows now complete
-        (None: none); ``last`` marks the end of the input.
+        """Take the next input rows (None.
+
+        None) and return the output rows now complete (None: none); ``last`` marks the end of
+        the input.
         """
 
 
@@ -43,8 +45,9 @@ def _zero_rows(like: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class _Sliding:
-    """A layer whose output row ``j`` reads input rows ``stride·j - top`` to
-    ``stride·j - top + kernel - 1``; rows outside ``[0, rows)`` are zeros.
+    """A layer over rows: output row ``j`` reads ``kernel`` input rows from ``stride·j - top``.
+
+    Rows outside ``[0, rows)`` are zeros.
 
     ``op`` runs the layer on a run of input rows without padding them (it pads the
     columns itself).
@@ -100,8 +103,10 @@ class _Chain:
 
 
 class _Residual:
-    """``relu(main(x) + shortcut(x))``: shortcut rows wait until the main path (which lags
-    by its kernels' reach) catches up; they are added piece by piece, never copied.
+    """``relu(main(x) + shortcut(x))``.
+
+    Shortcut rows wait until the main path (which lags by its kernels' reach) catches up; they
+    are added piece by piece, never copied.
     """
 
     def __init__(self, main: _Chain, shortcut: _Stage | None) -> None:
@@ -167,8 +172,9 @@ class _Builder:
         return kernel - padding - stride if reverse else padding
 
     def _sliding(self, kernel: int, stride: int, padding: int, layer: Layer) -> _Stage:
-        """Stage of a layer with ``kernel``, ``stride`` and symmetric ``padding`` in the
-        view; advances the tracked size.
+        """Stage of a layer with ``kernel``, ``stride`` and symmetric ``padding`` in the view.
+
+        Advances the tracked size.
         """
         left = self._before(self.reverse_cols, kernel, stride, padding)
         right = stride * (self.cols // stride - 1) - left + kernel - self.cols

@@ -59,11 +59,13 @@ def write_raster(
 def synthetic_scene(
     height: int, width: int, num_classes: int = 3, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A learnable scene: blocky class map and a 3-band uint8 image whose colour and
-    texture depend on the class.
+    """A learnable scene.
+
+    Blocky class map and a 3-band uint8 image whose colour and texture depend on the class.
 
     Returns:
         (image uint8 3×H×W, labels uint8 H×W).
+
     """
     rng = np.random.default_rng(seed)
     cell = 8
@@ -99,8 +101,9 @@ def scene(tmp_path: Path) -> dict[str, Path]:
 def coarse_scene(
     height: int, width: int, num_classes: int = 3, factor: int = 4, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`synthetic_scene` enlarged ``factor`` times (class cells of 8·factor px), so a
-    stride-16 network can resolve the classes.
+    """:func:`synthetic_scene` enlarged ``factor`` times (class cells of 8·factor px).
+
+    A stride-16 network can resolve its classes.
 
     Returns:
         (image uint8 3×H×W, labels uint8 H×W).
@@ -120,8 +123,9 @@ def write_chips(
     ignore_index: int = 255,
     val_every: int = 4,
 ) -> Path:
-    """Write a CHIPS_DIR as ``geoseg tile`` does (images/, labels/, manifest.csv, stats.json),
-    cutting (image, labels) on a non-overlapping grid of ``size`` px chips; every
+    """Write a CHIPS_DIR as ``geoseg tile`` does (images/, labels/, manifest.csv, stats.json).
+
+    Cuts (image, labels) on a non-overlapping grid of ``size`` px chips; every
     ``val_every``-th chip goes to the val split. Independent of geoseg's own tiling code.
     """
     import csv
@@ -194,8 +198,11 @@ def write_chips(
 
 @pytest.fixture
 def chips(tmp_path: Path) -> Path:
-    """A small CHIPS_DIR: a 3-class 256×256 textured scene cut into 16 chips of 64 px
-    (12 train, 4 val), with a few unlabelled (ignore) pixels."""
+    """A small CHIPS_DIR.
+
+    A 3-class 256×256 textured scene cut into 16 chips of 64 px (12 train, 4 val), with a few
+    unlabelled (ignore) pixels.
+    """
     image, labels = coarse_scene(256, 256, num_classes=3, seed=3)
     labels[:5, :7] = 255
     return write_chips(tmp_path / "chips", image, labels, 64)
@@ -205,6 +212,8 @@ def write_geojson(path: Path, features: list[tuple[dict, dict]], crs: str | None
     """Write (geometry, properties) pairs as a GeoJSON FeatureCollection.
 
     Args:
+        path: The file to write.
+        features: (GeoJSON geometry, properties) pairs.
         crs: Legacy ``crs`` member name (e.g. ``"urn:ogc:def:crs:EPSG::4326"``); None omits it.
     """
     import json

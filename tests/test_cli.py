@@ -78,7 +78,7 @@ def test_log_lines_are_not_glued_to_a_progress_bar(monkeypatch) -> None:
     configure_logging(0)
     with progress(total=4, desc="windows") as bar:
         bar.update(2)
-        logging.getLogger("geoseg_cli.predict").warning("careful")
+        logging.getLogger("geoseg_cli.inference.predict").warning("careful")
         bar.update(2)
     lines = re.split(r"[\r\n]", stderr.getvalue())
     assert "warning: careful" in lines  # a line of its own, not after the bar's text

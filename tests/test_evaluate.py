@@ -211,8 +211,10 @@ def test_checkpoint_classes_map_colours_and_values(tmp_path, tiny_checkpoint):
 
 
 def test_polygon_labels_are_rasterised_on_the_prediction_grid(tmp_path):
-    """Lon/lat polygons with a class-name attribute, scored against a UTM class map: the
-    same confusion matrix as the polygons burnt on the map's grid by hand."""
+    """Lon/lat polygons with a class-name attribute, scored against a UTM class map.
+
+    The same confusion matrix as the polygons burnt on the map's grid by hand.
+    """
     from conftest import UTM_CRS, UTM_TRANSFORM, write_geojson
     from rasterio.features import rasterize
     from rasterio.warp import transform_geom

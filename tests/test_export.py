@@ -56,8 +56,10 @@ MEAN, STD = [0.45, 0.5, 0.4], [0.2, 0.22, 0.25]
 
 
 def calibrate_batchnorm(model: torch.nn.Module) -> None:
-    """Re-estimate BatchNorm statistics on one batch of a synthetic scene, so that an untrained
-    network's class map follows the image instead of being (nearly) one class."""
+    """Re-estimate BatchNorm statistics on one batch of a synthetic scene.
+
+    An untrained network's class map then follows the image instead of being one class.
+    """
     image, _ = synthetic_scene(64, 192, num_classes=3, seed=2)
     x = (torch.from_numpy(image).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(
         STD
@@ -75,8 +77,10 @@ def calibrate_batchnorm(model: torch.nn.Module) -> None:
 def make_checkpoint(
     path: Path, variant: str = "scg-gcn", window: int = WINDOW, calibrate: bool = False
 ) -> Path:
-    """An untrained 3-band, 3-class checkpoint with uint8 /255 scaling (what GeoDeep and
-    Deepness feed), 0.5 m resolution and non-trivial standardization."""
+    """An untrained 3-band, 3-class checkpoint with uint8 /255 scaling (GeoDeep's input).
+
+    0.5 m resolution and non-trivial standardization.
+    """
     torch.manual_seed(0)
     spec = ModelSpec(variant, "resnet18", num_classes=3, in_channels=3)
     model = create_model_from_spec(spec)
@@ -107,8 +111,7 @@ def checkpoint(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint: Path) -> export_module.ExportResult:
-    """fp32, fixed 64-px window, recommended stride = window (no overlap, as GeoDeep's test
-    needs)."""
+    """fp32, fixed 64-px window, recommended stride = window (no overlap, for GeoDeep)."""
     torch.set_num_threads(2)
     return export_onnx(checkpoint, checkpoint.with_suffix(".onnx"), stride=WINDOW)
 
@@ -225,9 +228,12 @@ def test_failed_parity_writes_nothing(checkpoint, exported, tmp_path, monkeypatc
 
 
 def test_parity_inputs_follow_the_training_band_statistics():
-    """Parity runs on input the model can meet: an 11-bit pan band scaled by 1/10000 has mean
-    0.045 and std 0.026, so uniform [0, 1) values would sit up to 37 std away, where float32
-    rounding in a trained model exceeded the tolerance (1.4e-4) although the graph was right."""
+    """Parity runs on input the model can meet.
+
+    An 11-bit pan band scaled by 1/10000 has mean 0.045 and std 0.026, so uniform [0, 1) values
+    would sit up to 37 std away, where float32 rounding in a trained model exceeded the
+    tolerance (1.4e-4) although the graph was right.
+    """
     module = InferenceModel(torch.nn.Identity(), [0.045], [0.026])
     first = list(parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
     again = list(parity_inputs(module, [(2, 1, 64, 64), (1, 1, 80, 96)]))
@@ -413,8 +419,10 @@ def test_fixed_size_model_refuses_other_window(exported, scene_tif, tmp_path):
 
 
 def test_geodeep_runs_the_export_like_geoseg(exported, scene_tif, tmp_path, monkeypatch):
-    """GeoDeep's CLI (-t mask) on the exported model vs geoseg predict with the same windows
-    (stride = window, no TTA). GeoDeep divides uint8 by 255 like the model's InputSpec."""
+    """GeoDeep's CLI (-t mask) on the exported model vs geoseg predict with the same windows.
+
+    Stride = window, no TTA. GeoDeep divides uint8 by 255 like the model's InputSpec.
+    """
     from geodeep.scripts.main import main as geodeep_main
     from geodeep.utils import median_filter
 

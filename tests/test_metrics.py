@@ -131,16 +131,20 @@ def brute_force_boundary(labels: np.ndarray, radius: int, ignore: int = 255) -> 
     return out
 
 
+#: A 6×5 reference: classes 0 and 1 side by side over a row of class 2 and an ignore row.
+HAND_LABELS = np.array(
+    [
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [2, 2, 2, 2, 2, 2],
+        [255, 255, 255, 255, 255, 255],
+    ]
+)
+
+
 def test_boundary_mask_hand_example():
-    labels = np.array(
-        [
-            [0, 0, 0, 1, 1, 1],
-            [0, 0, 0, 1, 1, 1],
-            [0, 0, 0, 1, 1, 1],
-            [2, 2, 2, 2, 2, 2],
-            [255, 255, 255, 255, 255, 255],
-        ]
-    )
+    labels = HAND_LABELS.copy()
     r1 = [
         [0, 0, 1, 1, 0, 0],
         [0, 0, 1, 1, 0, 0],
@@ -172,15 +176,7 @@ def test_boundary_mask_matches_brute_force(radius):
 
 def test_eroded_scores_by_hand():
     """Erosion R=1 of the 6×5 example leaves 8 pixels: (0..1, 0..1) and (0..1, 4..5)."""
-    labels = np.array(
-        [
-            [0, 0, 0, 1, 1, 1],
-            [0, 0, 0, 1, 1, 1],
-            [0, 0, 0, 1, 1, 1],
-            [2, 2, 2, 2, 2, 2],
-            [255, 255, 255, 255, 255, 255],
-        ]
-    )
+    labels = HAND_LABELS.copy()
     pred = np.zeros_like(labels)  # everything predicted as class 0
     matrix = ConfusionMatrix(3)
     matrix.update(pred, labels, mask=~boundary_mask(labels, 1))

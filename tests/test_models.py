@@ -179,9 +179,12 @@ def test_head_matches_dense_formulas(name: str) -> None:
     ("name", "nodes"), [("scg-gcn", None), ("scgae-gcn", None), ("scg-gcn-gin", (2, 3))]
 )
 def test_head_on_a_crop_of_projected_features_equals_head_on_the_crop(name, nodes) -> None:
-    """What the shared engine relies on: projecting a whole feature map once and decoding
-    a window's crop gives the head's output on that window's features alone (the 3×3
-    convolution still sees zero padding at the window's border)."""
+    """What the shared engine relies on.
+
+    Projecting a whole feature map once and decoding a window's crop gives the head's output on
+    that window's features alone (the 3×3 convolution still sees zero padding at the window's
+    border).
+    """
     head = small(name, nodes=nodes).head.eval()
     features = torch.randn(2, 256, 9, 11)
     with torch.no_grad():
@@ -198,8 +201,10 @@ def test_head_on_a_crop_of_projected_features_equals_head_on_the_crop(name, node
 
 @pytest.mark.parametrize("width", [models.gnn.NARROW_FEATURES - 1, models.gnn.NARROW_FEATURES])
 def test_aggregate_nodes_is_a_times_x_for_any_adjacency(width: int) -> None:
-    """Narrow node features take the transposed product: with a non-symmetric adjacency
-    (as scgdir's) a wrong transpose would show."""
+    """Narrow node features take the transposed product.
+
+    With a non-symmetric adjacency (as scgdir's) a wrong transpose would show.
+    """
     generator = torch.Generator().manual_seed(0)
     adjacency = torch.rand(2, 7, 7, generator=generator)
     x = torch.randn(2, 7, width, generator=generator)

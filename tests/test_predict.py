@@ -361,7 +361,11 @@ def test_cog_and_vector_outputs(make_raster, tmp_path, monkeypatch):
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert {p.name for p in shapefile.parent.iterdir()} >= {
-        "r.tif", "rect.shp", "rect.shx", "rect.dbf", "rect.prj"
+        "r.tif",
+        "rect.shp",
+        "rect.shx",
+        "rect.dbf",
+        "rect.prj",
     }
     assert not [p for p in shapefile.parent.iterdir() if p.name.startswith(".")]
     assert pyogrio.raw.read(shapefile)[0]["crs"] is not None

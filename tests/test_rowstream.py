@@ -41,9 +41,11 @@ def _streamed(module: InferenceModel, view, image: np.ndarray, runs: list[int]) 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_streams_give_one_pass_in_every_view_however_rows_are_split(backbone):
-    """All eight dihedral views on a non-square area (rotations swap its sides): the stream's
-    features equal the view's pass over the whole area mapped back, fed in runs of 16 rows,
-    in uneven runs (one of them empty) or all at once."""
+    """All eight dihedral views on a non-square area (rotations swap its sides).
+
+    The stream's features equal the view's pass over the whole area mapped back, fed in runs of
+    16 rows, in uneven runs (one of them empty) or all at once.
+    """
     module = _inference_model(backbone)
     image = np.random.default_rng(1).random((4, 64, 96), dtype=np.float32)
     for view in tta_views("d4"):
@@ -57,8 +59,11 @@ def test_streams_give_one_pass_in_every_view_however_rows_are_split(backbone):
 
 
 def test_rows_come_as_soon_as_their_inputs_are_fed():
-    """A feature row needs input rows down to its receptive field: none is returned after
-    the first 16 input rows, some before the end, all of them once the input ends."""
+    """A feature row needs input rows down to its receptive field.
+
+    None is returned after the first 16 input rows, some before the end, all of them once the
+    input ends.
+    """
     module = _inference_model("resnet18")
     image = torch.rand(1, 4, 160, 64)
     stream = FeatureStream(module, Dihedral(), 160, 64)

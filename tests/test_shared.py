@@ -38,10 +38,12 @@ torch.set_num_threads(2)
 
 
 class LocalBackbone:
-    """A runtime whose backbone sees no context (16×16 block means) and whose head depends
-    on the whole window (logits: the features minus their window mean). Tiles, seams and
-    halos cannot change its features, so the shared and window engines must give the same
-    probabilities; counts the work done."""
+    """A runtime whose backbone sees no context and whose head depends on the whole window.
+
+    Features are 16×16 block means; logits are the features minus their window mean. Tiles,
+    seams and halos cannot change its features, so the shared and window engines must give
+    the same probabilities; counts the work done.
+    """
 
     on_gpu = False
     output_stride = 16
@@ -98,8 +100,7 @@ def run(args: list[str]):
 
 @pytest.fixture
 def nodata_scene(make_raster) -> Path:
-    """An odd-sized 3-band uint8 scene with a nodata corner (holding whole windows) and a
-    nodata row band."""
+    """An odd-sized 3-band uint8 scene with a nodata corner (whole windows) and a nodata row."""
     image, _ = synthetic_scene(83, 117, seed=4)
     image = np.maximum(image, 1)
     image[:, :40, :50] = 0
@@ -111,8 +112,10 @@ def nodata_scene(make_raster) -> Path:
 
 
 class TilesOnly:
-    """A PyTorch runtime without its row streams: the shared engine cuts tiles, as it does
-    for an ONNX model."""
+    """A PyTorch runtime without its row streams.
+
+    The shared engine cuts tiles, as it does for an ONNX model.
+    """
 
     streams = False
 
@@ -143,9 +146,11 @@ class StreamingLocalBackbone(LocalBackbone):
 
 
 def test_row_streams_restart_below_rows_no_window_needs(make_raster, tmp_path):
-    """A 130-row nodata band holding whole row bands of windows: the streams skip it and
-    restart with ``halo`` rows of context, and every window still gets the window engine's
-    probabilities."""
+    """A 130-row nodata band holding whole row bands of windows.
+
+    The streams skip it and restart with ``halo`` rows of context, and every window still gets
+    the window engine's probabilities.
+    """
     image, _ = synthetic_scene(200, 70, seed=2)
     image = np.maximum(image, 1)
     image[:, 40:170] = 0
@@ -176,11 +181,14 @@ def test_split_span_cuts_near_equal_multiples_of_16():
 )
 def test_local_backbone_gives_the_window_engines_probabilities(nodata_scene, tmp_path, tta,
                                                                 tile, halo, stride):  # fmt: skip
-    """Tiles of 32–64 px with and without halo, non-square edge tiles, all TTA sets, a
+    """Every window gets the window engine's probabilities, whatever the tiles.
+
+    Tiles of 32–64 px with and without halo, non-square edge tiles, all TTA sets, a
     nodata corner and a nodata row band: every window's probabilities are the window
     engine's, and the backbone sees each padded pixel once per view (plus halos). Both
     engines start the grid on the feature grid (stride 32: half the overlap, 8 px, rounded
-    to 16), so they place the same windows."""
+    to 16), so they place the same windows.
+    """
     results, engines = {}, {}
     for engine in ("window", "shared"):
         stub = engines[engine] = LocalBackbone(window=48)
@@ -228,8 +236,10 @@ def _kept_per_band(source: Path, grid: Grid) -> list[list[int]]:
 
 
 def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_path):
-    """With the real SCG-Net and tiles exactly one window wide (no halo), the windows that
-    coincide with a tile get the window engine's probabilities, in every TTA view."""
+    """Windows that coincide with a tile get the window engine's probabilities.
+
+    The real SCG-Net, tiles exactly one window wide (no halo), every TTA view.
+    """
     engine = TorchRuntime(save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3), "cpu")
     rng = np.random.default_rng(0)
     image = rng.random((3, 70, 100), dtype=np.float32)
@@ -260,10 +270,12 @@ def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_pat
 
 
 def test_row_streams_and_wide_halos_give_one_pass_over_the_area(nodata_scene, tmp_path):
-    """resnet18's layer3 sees 211 px (105 px around a feature's cell): with a 112-px halo
-    48-px tiles give the features of one untiled pass, so the same probabilities, and so do
-    the PyTorch engine's row streams (fed 16 rows at a time); without a halo the seams
-    show."""
+    """resnet18's layer3 sees 211 px (105 px around a feature's cell).
+
+    With a 112-px halo 48-px tiles give the features of one untiled pass, so the same
+    probabilities, and so do the PyTorch engine's row streams (fed 16 rows at a time); without a
+    halo the seams show.
+    """
     engine = TorchRuntime(save_tiny_checkpoint(tmp_path / "m.pt", window=48, seed=3), "cpu")
     probs = {}
     for name, runtime, tile, halo in (
@@ -285,9 +297,11 @@ def test_row_streams_and_wide_halos_give_one_pass_over_the_area(nodata_scene, tm
 
 @pytest.mark.parametrize(("height", "width"), [(9, 4), (1, 3), (CHUNK_CELLS, 28)])
 def test_mean_probabilities_is_interpolate_softmax_and_view_mean(height, width):
-    """Bilinear ×16 upsampling (align_corners=False, edges clamped), softmax and the mean over
-    views, on non-square windows, one whose height ends in a partial chunk and one a single
-    feature row high."""
+    """Bilinear ×16 upsampling (align_corners=False), softmax and the mean over views.
+
+    On non-square windows, one whose height ends in a partial chunk and one a single
+    feature row high.
+    """
     logits = 4 * torch.randn(3, 5, height, width, generator=torch.Generator().manual_seed(0))
     size = (16 * height, 16 * width)
     upsampled = torch.nn.functional.interpolate(logits, size, mode="bilinear", align_corners=False)
@@ -327,10 +341,13 @@ def test_shared_engine_is_batch_size_independent_with_tta_and_nodata(nodata_scen
 
 
 def test_engines_agree_on_99_percent_of_valid_pixels_with_a_trained_model(tmp_path):
-    """A resnet18 SCG-Net trained for 30 epochs (~15 s) on 192-px chips of a coarse synthetic
-    scene, predicted on a held-out part with a nodata corner at stride 48 with flip TTA (the
+    """The engines agree on 99 % of the pixels of a trained model.
+
+    A resnet18 SCG-Net trained for 30 epochs on 192-px chips of a coarse synthetic scene,
+    predicted on a held-out part with a nodata corner at stride 48 with flip TTA (the
     paper's 448/112 protocol, scaled): the shared engine gives the window engine's class on
-    at least 99 % of the valid pixels, and is as accurate against the labels."""
+    at least 99 % of the valid pixels, and is as accurate against the labels.
+    """
     window, train_rows = 192, 576
     full, full_labels = coarse_scene(train_rows + 336, 576, num_classes=3, factor=8, seed=7)
     chips = write_chips(tmp_path / "chips", full[:, :train_rows], full_labels[:train_rows], window)
@@ -486,9 +503,11 @@ def test_export_no_split_writes_model_onnx_alone(onnx_export, tmp_path):
 
 
 def test_head_projects_once_per_position_and_aggregates_per_window():
-    """The shared engine runs ``project`` once per position and ``decode`` per window and
-    view: every product with the 1024 backbone channels must be in ``project``, and GNN1
-    must aggregate X·W (Â·(X·W), n²·128 multiply-adds), not X ((Â·X)·W, n²·1024)."""
+    """The shared engine runs ``project`` once per position and ``decode`` per window and view.
+
+    Every product with the 1024 backbone channels must be in ``project``, and GNN1 must
+    aggregate X·W (Â·(X·W), n²·128 multiply-adds), not X ((Â·X)·W, n²·1024).
+    """
     classes, n = 6, 28 * 28
     head = create_model("scg-gcn", classes, 3, backbone="resnet50").head.eval()
     with torch.inference_mode():

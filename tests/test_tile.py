@@ -257,8 +257,10 @@ def _utm_box(col0: float, row0: float, col1: float, row1: float) -> dict:
 
 
 def write_vectors(path: Path, features: list[tuple[dict, dict]], crs: str, **kwargs) -> Path:
-    """Write (geometry, properties) pairs as GeoJSON, or with pyogrio in the format of the
-    suffix (GeoPackage, Shapefile...; ``kwargs`` go to ``pyogrio.raw.write``)."""
+    """Write (geometry, properties) pairs as GeoJSON, or with pyogrio in the suffix's format.
+
+    GeoPackage, Shapefile...; ``kwargs`` go to ``pyogrio.raw.write``.
+    """
     if path.suffix == ".geojson":
         return write_geojson(path, features, crs=crs)
     import pyogrio.raw
@@ -327,8 +329,11 @@ def test_vector_without_crs_in_lonlat_is_wgs84(scene, tmp_path, caplog) -> None:
 
 
 def test_other_vector_formats_layers_and_errors(scene, tmp_path, caplog, monkeypatch) -> None:
-    """A GeoPackage's first layer is read (and said so); numeric classes; unreadable or
-    missing files and a missing pyogrio give one-line errors that say what to do."""
+    """A GeoPackage's first layer is read (and said so).
+
+    Numeric classes; unreadable or missing files and a missing pyogrio give one-line errors that
+    say what to do.
+    """
     crs = UTM_CRS.to_wkt()
     path = write_vectors(tmp_path / "v.gpkg", [(_utm_box(0, 30, 93, 40), {"id": 2})], crs)
     write_vectors(path, [(_utm_box(0, 50, 93, 60), {"id": 1})], crs, layer="second")

@@ -44,8 +44,11 @@ LEARNED_MIOU = 0.6
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: results are thread-count specific, and a busy 2-core machine
-    runs small models many times faster on one thread than on two."""
+    """One intra-op thread.
+
+    Results are thread-count specific, and a busy 2-core machine runs small models many times
+    faster on one thread than on two.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -129,7 +132,7 @@ def test_checkpoints_follow_the_contract(learned, module_chips):
 
 
 def test_inference_model_reproduces_training_inputs(learned, module_chips):
-    """predict's engine (scaled input, standardization inside) = training's standardization."""
+    """Predict's engine (scaled input, standardization inside) = training's standardization."""
     _, result = learned
     stats = load_stats(module_chips)
     record = next(r for r in read_manifest(module_chips) if r.split == "val")

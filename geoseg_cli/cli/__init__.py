@@ -1,8 +1,4 @@
-"""The ``geoseg`` command line: a thin click layer over the geoseg library.
-
-Commands live in one module each and are imported only when used, so ``geoseg --help``
-stays fast and a missing optional dependency only affects the command that needs it.
-"""
+"""The ``geoseg`` command line: a thin click layer over the geoseg library."""
 
 from __future__ import annotations
 
@@ -61,23 +57,31 @@ def configure_logging(verbosity: int) -> None:
 
 
 class GeosegGroup(click.Group):
-    """A click group that loads commands lazily and turns library errors into one line."""
+    """A click group that loads commands lazily and turns library errors into one line.
+
+    Commands live in one module each and are imported only when used, so ``geoseg --help``
+    stays fast and a missing optional dependency only affects the command that needs it.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name, sorted."""
         return sorted(set(COMMANDS) | set(self.commands))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """Import a command's module when it is used."""
         if name not in COMMANDS:
             return super().get_command(ctx, name)
         module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands from the table, without importing them."""
         # Listing from the table keeps `geoseg --help` fast: no command module is imported.
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_) for name, (_, help_) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
+        """Run the command; library errors become one-line click errors."""
         # SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -45,18 +46,8 @@ from models import BACKBONES
 @device_opt
 @overwrite_opt
 @json_opt
-def demo(
-    outdir: Path,
-    size: int,
-    window: int,
-    epochs: int,
-    backbone: str,
-    device: str,
-    overwrite: bool,
-    as_json: bool,
-) -> None:
-    """Generate a georeferenced aerial scene and run tile → train → predict --tta →
-    evaluate → export onnx → predict (ONNX) on it.
+def demo(as_json: bool, **options: Any) -> None:
+    """Run tile → train → predict --tta → evaluate → export onnx → predict on a generated scene.
 
     Two scenes are generated (UTM 33N, 0.5 m pixels, road/building/tree/grass/water, a
     nodata corner): one is tiled and trained on, the other is held out, predicted with flip
@@ -68,17 +59,7 @@ def demo(
       geoseg demo                      # ~3 minutes on 2 CPU cores
       geoseg demo small --size 256 --epochs 2 --window 64
     """
-    result = run_demo(
-        DemoConfig(
-            outdir=outdir,
-            size=size,
-            window=window,
-            epochs=epochs,
-            backbone=backbone,
-            device=device,
-            overwrite=overwrite,
-        )
-    )
+    result = run_demo(DemoConfig(**options))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

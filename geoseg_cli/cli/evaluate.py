@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -52,11 +53,8 @@ def evaluate(
     labels: str,
     classes: str | None,
     ignore_index: int | None,
-    boundary_erosion: int,
-    exclude_from_mean: tuple[str, ...],
-    class_field: str | None,
-    class_value: int | None,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Score the class map PRED against the reference LABELS.
 
@@ -75,17 +73,13 @@ def evaluate(
       geoseg evaluate pred.tif buildings.geojson --classes run/best.pt
     """
     spec = resolve_classes(classes, ignore_index) if classes is not None else None
-    metrics = run_evaluation(
-        pred,
-        labels,
-        classes=None if isinstance(spec, int) else spec,
-        num_classes=spec if isinstance(spec, int) else None,
-        ignore_index=255 if ignore_index is None else ignore_index,
-        boundary_erosion=boundary_erosion,
-        exclude_from_mean=exclude_from_mean,
-        class_field=class_field,
-        class_value=class_value,
-    )
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+    if isinstance(spec, int):
+        options["num_classes"] = spec
+    else:
+        options["classes"] = spec
+    metrics = run_evaluation(pred, labels, **options)
     if as_json:
         click.echo(json.dumps(metrics.to_dict(), indent=2))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -82,16 +83,10 @@ def export() -> None:
 def onnx(
     checkpoint: Path,
     output: Path | None,
-    opset: int,
-    dynamic_size: bool,
     fp16: bool,
     int8: bool,
-    stride: int | None,
-    resolution: float | None,
-    tolerance: float,
-    split: bool,
-    overwrite: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Export CHECKPOINT to ONNX with its metadata, then check parity with PyTorch.
 
@@ -115,18 +110,7 @@ def onnx(
     if output is None:
         suffix = ".onnx" if precision == "fp32" else f"_{precision}.onnx"
         output = checkpoint.with_name(checkpoint.stem + suffix)
-    result = export_onnx(
-        checkpoint,
-        output,
-        opset=opset,
-        dynamic_size=dynamic_size,
-        precision=precision,
-        stride=stride,
-        resolution=resolution,
-        tolerance=tolerance,
-        overwrite=overwrite,
-        split=split,
-    )
+    result = export_onnx(checkpoint, output, precision=precision, **options)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return

@@ -12,8 +12,7 @@ from geoseg_cli.cli.options import json_opt
 
 
 def describe_model_file(path: Path) -> dict[str, Any]:
-    """The description of a ``.onnx`` model or a ``.pt`` checkpoint (with its training
-    progress and file identity)."""
+    """The description of a ``.onnx`` model or a ``.pt`` checkpoint (training state included)."""
     if path.suffix.lower() == ".onnx":
         from geoseg_cli.inference.onnx_runtime import describe_onnx
 

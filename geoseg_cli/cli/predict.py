@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -143,33 +144,24 @@ def predict(
     inputs: tuple[str, ...],
     output: str | None,
     model: str,
-    tta: str | None,
-    window: int | None,
-    stride: int | None,
-    batch_size: int | None,
-    engine: str,
     device: str,
     bidx: tuple[int, ...],
-    nodata: float | None,
-    bounds: tuple[float, float, float, float] | None,
     probabilities: bool,
     probability_dtype: str,
-    cog: bool,
     vector: str | None,
-    creation_options: dict[str, str],
-    overwrite: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Segment rasters with a trained model; print the paths written.
 
     With --json, one JSON object per input, a line each, as each finishes. Windows of size
     T slide with the given stride; softmax probabilities are blended with a smooth weight
-    window, so there are no seams. Memory does not grow with the raster
-    height. Nodata pixels stay nodata (255) in the uint8 class map, which keeps the input's
-    CRS, transform and size and carries a colour table. Under torchrun, each rank
-    predicts its share of the inputs. The window engine runs the whole network on every
-    window, as the paper does; --engine shared computes the backbone once per pixel and
-    shares it between overlapping windows.
+    window, so there are no seams. Memory does not grow with the raster height. Nodata
+    pixels stay nodata (255) in the uint8 class map, which keeps the input's CRS, transform
+    and size and carries a colour table. Under torchrun, each rank predicts its share of the
+    inputs. The window engine runs the whole network on every window, as the paper does;
+    --engine shared computes the backbone once per pixel and shares it between overlapping
+    windows.
 
     \b
     Examples:
@@ -190,21 +182,12 @@ def predict(
     if not inputs:
         return
     runtime = load_runtime(model, device)
-    options = PredictOptions(
-        window=window,
-        stride=stride,
-        tta=tta,
-        batch_size=batch_size,
+    settings = PredictOptions(
         bands=bidx or None,
-        nodata=nodata,
-        bounds=bounds,
         probabilities=probability_dtype if probabilities else None,
-        cog=cog,
-        creation_options=creation_options,
-        overwrite=overwrite,
-        engine=engine,
+        **options,
     )
-    results = predict_rasters(runtime, inputs, outputs, vectors, options)
+    results = predict_rasters(runtime, inputs, outputs, vectors, settings)
     for source, result in zip(inputs, results, strict=True):
         if as_json:
             fields = dataclasses.asdict(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -19,8 +20,11 @@ from geoseg_cli.tiling import tile as run_tile
 
 
 def expand_variadic_option(args: list[str], name: str) -> list[str]:
-    """Rewrite ``NAME a b c`` as ``NAME a NAME b NAME c`` so a shell glob after an option
-    (``--labels labels/*.tif``) fills that option instead of the positional arguments."""
+    """Rewrite ``NAME a b c`` as ``NAME a NAME b NAME c``.
+
+    So a shell glob after an option (``--labels labels/*.tif``) fills that option instead of
+    the positional arguments.
+    """
     out: list[str] = []
     taking = False
     for i, arg in enumerate(args):
@@ -137,21 +141,10 @@ def tile(
     images: tuple[str, ...],
     labels: tuple[str, ...],
     outdir: str,
-    size: int,
-    stride: int | None,
-    count: int | None,
-    classes: str | None,
-    class_field: str | None,
-    class_value: int | None,
     bidx: tuple[int, ...],
-    max_nodata: float,
-    val_fraction: float,
     split: str,
-    seed: int,
-    ignore_index: int | None,
-    scale: float | None,
     as_json: bool,
-    overwrite: bool,
+    **options: Any,
 ) -> None:
     """Cut IMAGE rasters and their labels into georeferenced training chips.
 
@@ -181,24 +174,9 @@ def tile(
       geoseg tile ortho.tif --labels buildings.geojson --count 500 -o chips/
       geoseg tile ortho.tif --labels landuse.geojson --class-field type -b 1 -b 2 -b 3 -o chips/
     """
+    split_rule = None if split == "auto" else split
     summary = run_tile(
-        list(images),
-        list(labels),
-        outdir,
-        size=size,
-        stride=stride,
-        count=count,
-        classes=classes,
-        class_field=class_field,
-        class_value=class_value,
-        bidx=list(bidx) or None,
-        max_nodata=max_nodata,
-        val_fraction=val_fraction,
-        split=None if split == "auto" else split,
-        seed=seed,
-        ignore_index=ignore_index,
-        scale=scale,
-        overwrite=overwrite,
+        list(images), list(labels), outdir, bidx=list(bidx) or None, split=split_rule, **options
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

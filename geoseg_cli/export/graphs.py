@@ -79,6 +79,7 @@ def trace(
 
 
 def default_opset(proto: Any) -> int:
+    """The opset of the default ONNX domain of a model."""
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 

@@ -26,8 +26,10 @@ DEFAULT_RESOLUTION_CM = 10.0
 
 
 def split_paths(output: str | os.PathLike) -> tuple[Path, Path]:
-    """Where the shared engine's graphs go: ``model.backbone.onnx`` and ``model.head.onnx``
-    beside ``model.onnx``."""
+    """Where the shared engine's graphs go.
+
+    ``model.backbone.onnx`` and ``model.head.onnx`` beside ``model.onnx``.
+    """
     output = Path(output)
     return output.with_name(f"{output.stem}.backbone.onnx"), output.with_name(
         f"{output.stem}.head.onnx"
@@ -88,32 +90,16 @@ def deepness_metadata(info: ModelInfo, stride: int, resolution: float) -> dict[s
     }
 
 
-def onnx_metadata(
-    info: ModelInfo,
-    *,
-    output_stride: int,
-    stride: int,
-    resolution: float,
-    precision: str,
-    opset: int,
-    dynamic_size: bool,
-) -> dict[str, str]:
+def onnx_metadata(info: ModelInfo, details: dict[str, Any]) -> dict[str, str]:
     """All ``metadata_props`` of an exported model: key → JSON-encoded value.
 
-    ``geoseg`` holds :meth:`ModelInfo.describe` plus the export details (output and
-    recommended stride, resolution, precision, opset, dynamic size); the other keys are
-    :func:`deepness_metadata`.
+    ``geoseg`` holds :meth:`ModelInfo.describe` plus the export ``details``
+    (``output_stride``, ``recommended_stride``, ``resolution_cm``, ``precision``, ``opset``,
+    ``dynamic_size``); the other keys are :func:`deepness_metadata`.
     """
-    geoseg = info.describe()
-    geoseg.update(
-        output_stride=output_stride,
-        recommended_stride=stride,
-        resolution_cm=resolution,
-        precision=precision,
-        opset=opset,
-        dynamic_size=dynamic_size,
-    )
-    values = {GEOSEG_METADATA_KEY: geoseg, **deepness_metadata(info, stride, resolution)}
+    geoseg = {**info.describe(), **details}
+    deepness = deepness_metadata(info, details["recommended_stride"], details["resolution_cm"])
+    values = {GEOSEG_METADATA_KEY: geoseg, **deepness}
     return {key: json.dumps(value) for key, value in values.items()}
 
 

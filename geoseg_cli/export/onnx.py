@@ -179,15 +179,15 @@ def export_onnx(
             f"{checkpoint}: the exporter produced opset {actual_opset}, not {opset}; "
             f"try --opset {actual_opset}"
         )
-    metadata = onnx_metadata(
-        ckpt,
-        output_stride=OUTPUT_STRIDE,
-        stride=stride,
-        resolution=advertised,
-        precision=precision,
-        opset=opset,
-        dynamic_size=dynamic_size,
-    )
+    details = {
+        "output_stride": OUTPUT_STRIDE,
+        "recommended_stride": stride,
+        "resolution_cm": advertised,
+        "precision": precision,
+        "opset": opset,
+        "dynamic_size": dynamic_size,
+    }
+    metadata = onnx_metadata(ckpt, details)
     shapes = [(PARITY_BATCH, channels, window, window)]
     if dynamic_size:
         shapes.append((1, channels, window + 16, window + 32))

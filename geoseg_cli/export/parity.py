@@ -14,11 +14,13 @@ from models import OUTPUT_STRIDE, InferenceModel, mean_probabilities
 
 
 def parity_inputs(module: InferenceModel, shapes: list[tuple[int, ...]]) -> Iterator[torch.Tensor]:
-    """The seeded random inputs of the parity check (the same on every call): band values
-    drawn around the training data's band means with its standard deviations, clipped to
-    [0, 1], as the model sees them in use. (Uniform [0, 1) values are tens of standard
-    deviations off for imagery such as 11-bit pan scaled by 1/10000, where activations,
-    and float32 rounding with them, grow far beyond anything real input produces.)"""
+    """The seeded random inputs of the parity check (the same on every call).
+
+    Band values drawn around the training data's band means with its standard deviations,
+    clipped to [0, 1], as the model sees them in use. (Uniform [0, 1) values are tens of
+    standard deviations off for imagery such as 11-bit pan scaled by 1/10000, where activations,
+    and float32 rounding with them, grow far beyond anything real input produces.)
+    """
     generator = torch.Generator().manual_seed(0)
     for shape in shapes:
         noise = torch.randn(shape, generator=generator)
@@ -44,10 +46,13 @@ def parity(
 def split_parity(
     module: InferenceModel, backbone: Path, head: Path, shapes: list[tuple[int, ...]]
 ) -> tuple[float, float]:
-    """ONNX Runtime head(backbone(x)), through :func:`mean_probabilities`, vs PyTorch's
-    whole network (max abs probability difference), and the backbone alone on a tile wider
+    """Parity of the backbone and head graphs with PyTorch.
+
+    ONNX Runtime head(backbone(x)), through :func:`mean_probabilities`, vs PyTorch's whole
+    network (max abs probability difference), and the backbone alone on a tile wider
     and taller than the window vs PyTorch's features (max abs difference relative to the
-    largest feature)."""
+    largest feature).
+    """
     providers = ["CPUExecutionProvider"]
     backbone_session = create_session(backbone, providers)
     head_session = create_session(head, providers)
@@ -70,8 +75,10 @@ def split_parity(
 
 
 def float32_error(module: InferenceModel, shapes: list[tuple[int, ...]]) -> float:
-    """Max abs difference between PyTorch in float32 and in float64 on the parity inputs:
-    the rounding noise any float32 runtime has on this model."""
+    """Max abs difference between PyTorch in float32 and in float64 on the parity inputs.
+
+    The rounding noise any float32 runtime has on this model.
+    """
     reference = copy.deepcopy(module).double()
     error = 0.0
     with torch.inference_mode():

@@ -284,11 +284,14 @@ class OnnxRuntime:
 
 
 def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``geoseg info model.onnx`` shows: the geoseg description plus the graph's
-    opset, inputs, outputs and the Deepness/GeoDeep metadata keys.
+    """What ``geoseg info model.onnx`` shows.
+
+    The geoseg description plus the graph's opset, inputs, outputs and the Deepness/GeoDeep
+    metadata keys.
 
     Raises:
         CheckpointError: The file is not a readable ONNX model or has no geoseg metadata.
+
     """
     onnx = import_onnx_dependency("onnx")
     path = Path(path)

@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg_cli.errors import CheckpointError, InputError
+from geoseg_cli.errors import InputError
 from geoseg_cli.inference.outputs import (
     Outputs,
     RowWriter,
@@ -25,7 +25,7 @@ from geoseg_cli.inference.outputs import (
     to_cog,
 )
 from geoseg_cli.inference.plan import Plan, PredictOptions, check_window, make_plan, select_bands
-from geoseg_cli.inference.runtime import Runtime
+from geoseg_cli.inference.runtime import Runtime, check_shape
 from geoseg_cli.inference.shared import RegionReader, SharedPredictor
 from geoseg_cli.inference.tta import mean_of_views, merge_views, tta_views
 from geoseg_cli.inference.windows import coverage, reflect_indices, weights_2d
@@ -136,13 +136,8 @@ class WindowPredictor:
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         probs = self.runtime.predict(np.ascontiguousarray(batch, dtype=np.float32))
         expected = (batch.shape[0], self.plan.num_classes, *batch.shape[2:])
-        if probs.shape != expected:
-            raise CheckpointError(
-                f"the model returned probabilities of shape {probs.shape} for input "
-                f"{batch.shape} (expected {expected}); use --window {self.runtime.info.window} "
-                "or a model exported with --dynamic-size"
-            )
-        return probs
+        fix = f"use --window {self.runtime.info.window} or a model exported with --dynamic-size"
+        return check_shape(probs, expected, f"probabilities for input {batch.shape}", fix)
 
 
 @dataclass(frozen=True)

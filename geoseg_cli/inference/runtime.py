@@ -8,11 +8,25 @@ from typing import Protocol
 import numpy as np
 
 from geoseg_cli.checkpoint import ModelInfo
+from geoseg_cli.errors import CheckpointError
 from geoseg_cli.inference.tta import View
 
 #: ``push(pixels, last)`` of a feature stream: the next scaled input rows C×h×W → the
 #: feature rows F×h'×W/stride now complete (h' may be 0; all of them once ``last``).
 StreamPush = Callable[[np.ndarray, bool], np.ndarray]
+
+
+def check_shape(output: np.ndarray, expected: tuple[int, ...], what: str, fix: str) -> np.ndarray:
+    """``output`` of a model call, refused unless it has the ``expected`` shape.
+
+    Raises:
+        CheckpointError: Names what the model returned and ``fix``.
+    """
+    if output.shape != expected:
+        raise CheckpointError(
+            f"the model returned {what} of shape {output.shape} (expected {expected}); {fix}"
+        )
+    return output
 
 
 class Runtime(Protocol):

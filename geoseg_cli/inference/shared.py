@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg_cli.errors import CheckpointError, UsageError
+from geoseg_cli.errors import UsageError
 from geoseg_cli.inference.plan import Plan
-from geoseg_cli.inference.runtime import Runtime, StreamPush
+from geoseg_cli.inference.runtime import Runtime, StreamPush, check_shape
 from geoseg_cli.inference.tta import merge_views
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,11 @@ class SharedPredictor:
 
     @staticmethod
     def grid_stride(window: int, stride: int, unit: int) -> int:
-        """The stride the engine runs: the nearest multiple of the output stride ``unit``
-        (halves up), between ``unit`` and the window."""
+        """The stride the engine runs.
+
+        The nearest multiple of the output stride ``unit`` (halves up), between ``unit`` and the
+        window.
+        """
         return min(window, max(unit, (stride + unit // 2) // unit * unit))
 
     @property
@@ -264,8 +267,10 @@ class SharedPredictor:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
 
     def _compute(self, strip: _Strip, j: int) -> None:
-        """Features of tile (strip, column j) in every view: the whole strip from the row
-        streams when the runtime has them, else the tile alone."""
+        """Features of tile (strip, column j) in every view.
+
+        The whole strip from the row streams when the runtime has them, else the tile alone.
+        """
         if self.runtime.streams:
             self._compute_rows(strip)
         else:
@@ -329,10 +334,5 @@ class SharedPredictor:
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         logits = self.runtime.head_logits(np.ascontiguousarray(batch, dtype=np.float32))
         expected = (batch.shape[0], self.plan.num_classes, *batch.shape[2:])
-        if logits.shape != expected:
-            raise CheckpointError(
-                f"the model's head returned logits of shape {logits.shape} for features "
-                f"{batch.shape} (expected {expected}); export the model again or use "
-                "--engine window"
-            )
-        return logits
+        what = f"head logits for features {batch.shape}"
+        return check_shape(logits, expected, what, "export the model again or use --engine window")

@@ -11,9 +11,12 @@ WEIGHT_FLOOR = 1e-3
 
 
 def margin(window: int, stride: int, align: int = 1) -> int:
-    """Pixels the grid starts before the raster: half the overlap ``T - S``, rounded down
-    to a multiple of ``align`` (so that window offsets stay multiples of it) but not to zero
-    when the windows overlap (the raster's first pixels stay off the first window's border)."""
+    """Pixels the grid starts before the raster.
+
+    Half the overlap ``T - S``, rounded down to a multiple of ``align`` (so that window offsets
+    stay multiples of it) but not to zero when the windows overlap (the raster's first pixels
+    stay off the first window's border).
+    """
     half = (window - stride) // 2
     return max(half // align * align, min(align, window - stride))
 
@@ -45,9 +48,10 @@ def window_starts(size: int, window: int, stride: int, align: int = 1) -> np.nda
 
 
 def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
-    """Source indexes for positions ``start..stop-1`` of an axis of length ``size``,
-    reflecting (without repeating the edge pixel) past both ends, as ``numpy.pad`` mode
-    ``"reflect"`` does, repeatedly for positions far outside.
+    """Source indexes for positions ``start..stop-1`` of an axis of length ``size``.
+
+    Positions past both ends are reflected (without repeating the edge pixel), as
+    ``numpy.pad`` mode ``"reflect"`` does, repeatedly for positions far outside.
     """
     positions = np.arange(start, stop, dtype=np.int64)
     if size == 1:
@@ -69,8 +73,7 @@ def weights_1d(window: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
 
 
 def weights_2d(window: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
-    """Separable 2-D blending weights (``T×T`` float32), the outer product of
-    :func:`weights_1d`."""
+    """Separable 2-D blending weights (``T×T`` float32), the outer product of :func:`weights_1d`."""
     w = weights_1d(window, floor)
     return np.outer(w, w)
 
