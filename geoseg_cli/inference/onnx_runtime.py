@@ -15,6 +15,7 @@ import numpy as np
 
 from geoseg_cli.checkpoint import ModelInfo, file_hash
 from geoseg_cli.errors import CheckpointError, GeosegError, UsageError, first_line
+from geoseg_cli.inference.onnx_header import ProtobufError, read_onnx_header
 from geoseg_cli.inference.runtime import StreamPush
 from geoseg_cli.inference.tta import View
 
@@ -287,47 +288,32 @@ def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
     """What ``geoseg info model.onnx`` shows.
 
     The geoseg description plus the graph's opset, inputs, outputs and the Deepness/GeoDeep
-    metadata keys.
+    metadata keys, read from the file's header (neither ``onnx`` nor a session is needed).
 
     Raises:
         CheckpointError: The file is not a readable ONNX model or has no geoseg metadata.
-
     """
-    onnx = import_onnx_dependency("onnx")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX model file; check the path")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends for foreign files
+        header = read_onnx_header(path)
+    except (ProtobufError, OSError) as exc:
         raise CheckpointError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__}); "
+            f"{path}: not a readable ONNX model ({first_line(exc)}); "
             "use a file written by geoseg export onnx"
         ) from exc
-    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    metadata = header["metadata"]
     geoseg = read_geoseg_metadata(path, metadata)
     info = ModelInfo.from_dict(geoseg, path)
     description = info.describe()
     description.update({k: v for k, v in geoseg.items() if k not in description})
     description["onnx"] = {
-        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": [_value_info(v) for v in proto.graph.input],
-        "outputs": [_value_info(v) for v in proto.graph.output],
+        "opset": header["opset"],
+        "inputs": header["inputs"],
+        "outputs": header["outputs"],
         "metadata": {k: v for k, v in metadata.items() if k != GEOSEG_METADATA_KEY},
         "size_bytes": path.stat().st_size,
         "sha256": file_hash(path),
     }
     return description
-
-
-def _value_info(value: Any) -> dict[str, Any]:
-    """Name, element type and shape (ints or symbolic names) of a graph input/output."""
-    import onnx
-
-    tensor = value.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
-    return {
-        "name": value.name,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
-        "shape": shape,
-    }

@@ -1,0 +1,86 @@
+"""The ONNX deployment path: no PyTorch import, the header reader, tuned sessions, int8."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import synthetic_scene, write_raster
+
+from geoseg_cli.export.onnx import export_onnx
+from geoseg_cli.inference.onnx_header import ProtobufError, read_onnx_header
+
+#: Runs the geoseg CLI in-process, then prints whether torch and onnx were imported.
+_WRAPPER = """
+import json, sys
+from geoseg_cli.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="geoseg", standalone_mode=False)
+finally:
+    print(json.dumps({m: m in sys.modules for m in ("torch", "onnx")}), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint exported with dynamic size (and its split graphs)."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return export_onnx(tiny_checkpoint, out, dynamic_size=True).path
+
+
+@pytest.fixture(scope="module")
+def scene_tif(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 96×80 RGB uint8 scene."""
+    image, _ = synthetic_scene(96, 80, num_classes=3, seed=4)
+    return write_raster(tmp_path_factory.mktemp("scene") / "scene.tif", image)
+
+
+def run_cli(*args: object) -> dict[str, bool]:
+    """Run ``geoseg ARGS`` in a fresh interpreter; which of torch and onnx it imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("engine", ["window", "shared"])
+def test_onnx_predict_never_imports_torch(onnx_model, scene_tif, tmp_path, engine):
+    out = tmp_path / f"{engine}.tif"
+    args = ["-q", "predict", scene_tif, "-m", onnx_model, "-o", out, "--engine", engine]
+    imported = run_cli(*args, "--tta", "flip", "--probabilities")
+    assert imported == {"torch": False, "onnx": False}
+    with rasterio.open(out) as src:
+        assert src.tags()["ENGINE"] == engine and src.read(1).shape == (96, 80)
+
+
+def test_info_and_help_never_import_torch_or_onnx(onnx_model):
+    assert run_cli("info", onnx_model, "--json") == {"torch": False, "onnx": False}
+    assert run_cli("--help") == {"torch": False, "onnx": False}
+
+
+def test_header_reader_matches_the_onnx_package(onnx_model, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(onnx_model))
+    header = read_onnx_header(onnx_model)
+    assert header["metadata"] == {p.key: p.value for p in proto.metadata_props}
+    assert header["opset"] == next(o.version for o in proto.opset_import if o.domain == "")
+    assert header["ir_version"] == proto.ir_version
+    assert header["inputs"] == [
+        {"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
+    ]
+    assert [o["name"] for o in header["outputs"]] == ["probabilities"]
+    bad = tmp_path / "bad.onnx"
+    for content in (b"", b"not a protobuf at all", onnx_model.read_bytes()[:1000]):
+        bad.write_bytes(content)
+        with pytest.raises(ProtobufError):
+            read_onnx_header(bad)
+    assert np.dtype(header["inputs"][0]["dtype"]) == np.float32
