@@ -82,7 +82,8 @@ class _OptionalChoice(click.Choice):
     default=None,
     help="Images (windows x TTA views) per forward pass; with the shared engine, per head "
     "pass (whole windows). Results do not depend on it. "
-    f"[default: {WindowPredictor.DEFAULT_BATCH}; shared engine: {CPU_HEAD_BATCH} on a CPU, "
+    f"[default: a row band's images in passes of <= {WindowPredictor.DEFAULT_BATCH} on a "
+    f"CPU, {WindowPredictor.GPU_BATCH} on a GPU; shared engine: {CPU_HEAD_BATCH} on a CPU, "
     f"{GPU_HEAD_BATCH} on a GPU]",
 )
 @click.option(

@@ -28,6 +28,7 @@ GEOSEG_METADATA_KEY = "geoseg"
 _ORT_LOG_ERRORS_ONLY = 3
 #: Output stride of the models exported before the metadata recorded it.
 LEGACY_OUTPUT_STRIDE = 16
+_CUDA = "CUDAExecutionProvider"
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,26 +70,55 @@ def select_providers(device: str, available: list[str]) -> list[str]:
     Raises:
         UsageError: ``cuda`` was asked for but this onnxruntime has no CUDA provider.
     """
-    has_cuda = "CUDAExecutionProvider" in available
+    has_cuda = _CUDA in available
     if device == "cuda" and not has_cuda:
         raise UsageError(
             "--device cuda was asked for but this onnxruntime has no CUDA provider; "
             "install onnxruntime-gpu (pip install 'geoseg[gpu]') or use --device cpu"
         )
     if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [_CUDA, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime session options tuned for predict's one-batch-at-a-time calls.
+
+    Full graph optimisation; ``threads`` intra-op threads (default: every usable core) that
+    sleep between calls instead of spinning (spinning threads steal the cores numpy and
+    GDAL need between runs); sequential execution; memory pattern and arena on; errors-only
+    logging.
+    """
+    ort = import_onnx_dependency("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or usable_cores()
+    options.inter_op_num_threads = 1
+    options.enable_mem_pattern = True
+    options.enable_cpu_mem_arena = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = _ORT_LOG_ERRORS_ONLY
+    return options
 
 
 def create_session(
     path: str | os.PathLike, providers: list[str], threads: int | None = None
 ) -> Any:
-    """Open an ONNX model in ONNX Runtime with full graph optimisation and quiet logs.
+    """Open an ONNX model in ONNX Runtime with :func:`session_options`.
 
     Args:
         path: The ``.onnx`` file.
         providers: Execution providers in order of preference.
-        threads: Intra-op threads (None: ONNX Runtime's default, one per physical core).
+        threads: Intra-op threads (None: every usable core).
 
     Raises:
         CheckpointError: The file is missing or is not a loadable ONNX model.
@@ -97,18 +127,38 @@ def create_session(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX model file; check the path")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = _ORT_LOG_ERRORS_ONLY
-    if threads:
-        options.intra_op_num_threads = threads
+    # cuDNN's exhaustive search would run again for every new tile shape
+    configured = [
+        (p, {"cudnn_conv_algo_search": "HEURISTIC"}) if p == _CUDA else p for p in providers
+    ]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=configured
+        )
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise CheckpointError(
             f"{path}: not a loadable ONNX model ({first_line(exc)}); "
             "use a file written by geoseg export onnx"
         ) from exc
+
+
+def run_session(session: Any, array: np.ndarray, on_gpu: bool) -> np.ndarray:
+    """The single output (float32) of a one-input session on ``array``.
+
+    On CUDA the call goes through I/O binding: the output is allocated on the device and
+    copied back once.
+    """
+    feed = np.ascontiguousarray(array, dtype=np.float32)
+    name = session.get_inputs()[0].name
+    if not on_gpu:
+        (output,) = session.run(None, {name: feed})
+    else:
+        binding = session.io_binding()
+        binding.bind_cpu_input(name, feed)
+        binding.bind_output(session.get_outputs()[0].name, "cuda")
+        session.run_with_iobinding(binding)
+        (output,) = binding.copy_outputs_to_cpu()
+    return output.astype(np.float32, copy=False)
 
 
 def read_geoseg_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> dict[str, Any]:
@@ -168,8 +218,8 @@ class OnnxRuntime:
         self.info = ModelInfo.from_dict(self.metadata, self.path)
         self.model_hash = file_hash(self.path)
         self.providers = self.session.get_providers()
-        self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
-        if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
+        self.on_gpu = self.providers[0] == _CUDA
+        if _CUDA in requested and _CUDA not in self.providers:
             message = (
                 "onnxruntime could not start its CUDA provider (check the CUDA and cuDNN "
                 "libraries onnxruntime-gpu needs)"
@@ -177,6 +227,12 @@ class OnnxRuntime:
             if device == "cuda":
                 raise UsageError(f"{message}; use --device cpu")
             log.warning("%s; running %s on the CPU", message, self.path)
+        if self.on_gpu and self.metadata.get("precision", "fp32") == "fp32":
+            log.info(
+                "%s runs in fp32 on CUDA; a model exported with geoseg export onnx --fp16 "
+                "uses the GPU's half-precision units",
+                self.path,
+            )
         (graph_input,) = self.session.get_inputs()
         self.input_name = graph_input.name
         height, width = graph_input.shape[-2:]
@@ -221,16 +277,14 @@ class OnnxRuntime:
             parts[name] = part
         return int(split["feature_channels"]), parts
 
-    def _run_part(self, name: str, feed_name: str, array: np.ndarray) -> np.ndarray:
+    def _run_part(self, name: str, array: np.ndarray) -> np.ndarray:
         if name not in self._sessions:
             self._sessions[name] = create_session(self._parts[name], self.providers, self._threads)
-        feed = {feed_name: np.ascontiguousarray(array, dtype=np.float32)}
-        (output,) = self._sessions[name].run(None, feed)
-        return output.astype(np.float32, copy=False)
+        return run_session(self._sessions[name], array, self.on_gpu)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """Features (N×F×H/16×W/16) of scaled input (N×C×H×W, multiples of 16)."""
-        return self._run_part("backbone", "image", batch)
+        return self._run_part("backbone", batch)
 
     def head_logits(self, features: np.ndarray) -> np.ndarray:
         """Logits (N×K×h×w) of the rest of the head on window features (N×F×h×w).
@@ -246,7 +300,7 @@ class OnnxRuntime:
                 f"not {size[0]}×{size[1]}; use --window {self.input_size} or re-export with "
                 "geoseg export onnx --dynamic-size"
             )
-        return self._run_part("head", "features", features)
+        return self._run_part("head", features)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Mean over views of softmax(bilinear upsampling) of V×K×h×w logits, in numpy."""
@@ -279,9 +333,7 @@ class OnnxRuntime:
                 f"not {batch.shape[-2]}×{batch.shape[-1]}; use --window {self.input_size} or "
                 "re-export with geoseg export onnx --dynamic-size"
             )
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        (probabilities,) = self.session.run(None, feed)
-        return probabilities.astype(np.float32, copy=False)
+        return run_session(self.session, batch, self.on_gpu)
 
 
 def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:

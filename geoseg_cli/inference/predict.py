@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError
+from geoseg_cli.inference.background import ReadAhead, WriteBehind
 from geoseg_cli.inference.outputs import (
     Outputs,
     RowWriter,
@@ -25,17 +25,16 @@ from geoseg_cli.inference.outputs import (
     to_cog,
 )
 from geoseg_cli.inference.plan import Plan, PredictOptions, check_window, make_plan, select_bands
+from geoseg_cli.inference.reading import band_loader, region_reader
 from geoseg_cli.inference.runtime import Runtime, check_shape
-from geoseg_cli.inference.shared import RegionReader, SharedPredictor
+from geoseg_cli.inference.shared import SharedPredictor
 from geoseg_cli.inference.tta import mean_of_views, merge_views, tta_views
-from geoseg_cli.inference.windows import coverage, reflect_indices, weights_2d
+from geoseg_cli.inference.windows import coverage, weights_2d
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
     bounds_window,
-    nodata_valid,
     open_raster,
-    read_masked,
 )
 from geoseg_cli.vector import write_class_polygons
 
@@ -83,6 +82,12 @@ class Predictor(Protocol):
         ...
 
 
+def balanced_batch(images: int, largest: int) -> int:
+    """The batch size that runs ``images`` in the fewest passes of <= ``largest``, evenly."""
+    passes = -(-images // largest)
+    return -(-images // passes)
+
+
 class WindowPredictor:
     """The paper's method: the whole network on every window × TTA view, in batches.
 
@@ -92,19 +97,22 @@ class WindowPredictor:
     Args:
         runtime: The model runtime.
         plan: The run's plan.
-        batch_size: Images (windows × views) per forward pass (default
-            :data:`DEFAULT_BATCH`).
+        batch_size: Images (windows × views) per forward pass (default: a row band's
+            images in as few passes of at most :data:`DEFAULT_BATCH` on a CPU or
+            :data:`GPU_BATCH` on a GPU as can hold them, evenly filled).
     """
 
     name = "window"
     needs_band = True
-    #: Windows × views per forward pass when the user gives no batch size.
-    DEFAULT_BATCH = 4
+    #: Largest default number of windows × views per forward pass on a CPU and on a GPU.
+    DEFAULT_BATCH, GPU_BATCH = 4, 16
 
     def __init__(self, runtime: Runtime, plan: Plan, batch_size: int | None = None) -> None:
         self.runtime = runtime
         self.plan = plan
-        self.batch_size = batch_size or self.DEFAULT_BATCH
+        largest = self.GPU_BATCH if runtime.on_gpu else self.DEFAULT_BATCH
+        images = len(plan.grid.col_starts) * len(plan.views)
+        self.batch_size = batch_size or balanced_batch(images, largest)
         self.source_rows = plan.grid.window
 
     def __call__(self, band: np.ndarray | None, offsets: Sequence[int]) -> Iterator[np.ndarray]:
@@ -227,7 +235,7 @@ def prepare(
     plan = make_plan(src, runtime.info, options, window, stride, runtime.output_stride)
     if engine is WindowPredictor:
         return plan, WindowPredictor(runtime, plan, options.batch_size)
-    read = _region_reader(src, plan)
+    read = region_reader(src, plan)
     return plan, SharedPredictor(
         runtime, plan, read, options.batch_size, options.tile, options.halo
     )
@@ -368,75 +376,38 @@ def _gdal_cache(src: rasterio.DatasetReader, plan: Plan, source_rows: int) -> in
     return max(_MIN_GDAL_CACHE, 2 * (source_rows + 2 * block_rows) * row_bytes)
 
 
-def _region_reader(src: rasterio.DatasetReader, plan: Plan) -> RegionReader:
-    """Reads scaled bands over region pixel spans, reflect-padded past the raster edges."""
-    top, left = int(plan.region.row_off), int(plan.region.col_off)
-
-    def read(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-        row_idx = reflect_indices(top + rows[0], top + rows[1], src.height)
-        col_idx = reflect_indices(left + cols[0], left + cols[1], src.width)
-        r0, c0 = int(row_idx.min()), int(col_idx.min())
-        window = Window(c0, r0, int(col_idx.max()) + 1 - c0, int(row_idx.max()) + 1 - r0)
-        data = src.read(list(plan.bands), window=window)
-        return np.multiply(data[:, row_idx - r0][:, :, col_idx - c0], plan.scale, dtype=np.float32)
-
-    return read
-
-
-def _read(src: rasterio.DatasetReader, plan: Plan, window: Window) -> tuple[np.ndarray, np.ndarray]:
-    """Raw bands and valid mask over ``window`` (by the plan's nodata rule)."""
-    if plan.nodata is None:
-        return read_masked(src, window, list(plan.bands))
-    data = src.read(list(plan.bands), window=window)
-    return data, nodata_valid(data, plan.nodata)
-
-
 def _stream(
     src: rasterio.DatasetReader,
     plan: Plan,
     predictor: Predictor,
     writers: list[RowWriter],
 ) -> tuple[int, int]:
-    """Run the row-band loop; returns (windows predicted, windows skipped)."""
-    grid, region = plan.grid, plan.region
+    """Run the row-band loop; returns (windows predicted, windows skipped).
+
+    The next band is read, and finished rows are written, on background threads.
+    """
+    grid = plan.grid
     t, s, k = grid.window, grid.stride, plan.num_classes
     height, width = grid.height, grid.width
     rows, cols = grid.row_starts, grid.col_starts
-    pad_lo, pad_hi = grid.padded_cols
-    col_idx = reflect_indices(region.col_off + pad_lo, region.col_off + pad_hi, src.width)
-    read_c0 = int(col_idx.min())
-    col_idx -= read_c0
-    region_c0 = int(region.col_off) - read_c0
+    pad_lo = grid.padded_cols[0]
     weights = weights_2d(t)
     row_cov = coverage(rows, t, height).astype(np.float32)
     col_cov = coverage(cols, t, width).astype(np.float32)
     accumulator = np.zeros((k, t, width), dtype=np.float32)
     scratch = np.empty((k, t, t), dtype=np.float32)
     nodata = writers[0].dst.nodata
+    load = band_loader(src, plan, predictor.needs_band)
     ran = skipped = 0
-    with progress(total=grid.count, unit="win", desc=str(src.name)) as bar:
+    with (
+        progress(total=grid.count, unit="win", desc=str(src.name)) as bar,
+        ReadAhead(load, len(rows)) as bands,
+        WriteBehind(writers) as output,
+    ):
         for b, r in enumerate(rows):
             r = int(r)
-            row_idx = reflect_indices(region.row_off + r, region.row_off + r + t, src.height)
-            read_r0 = int(row_idx.min())
-            read = Window(
-                read_c0, read_r0, int(col_idx.max()) + 1, int(row_idx.max()) + 1 - read_r0
-            )
-            data, valid = _read(src, plan, read)
-            y0, y1 = max(0, r), min(height, r + t)
-            band_valid = valid[
-                region.row_off + y0 - read_r0 : region.row_off + y1 - read_r0,
-                region_c0 : region_c0 + width,
-            ]
-            has_data = band_valid.any(axis=0)
-            kept = [int(c) for c in cols if has_data[max(0, c) : c + t].any()]
+            band, band_valid, kept = bands.get(b)
             # The step sees every band, in order, even one without windows to predict.
-            band = None
-            if kept and predictor.needs_band:
-                band = np.multiply(
-                    data[:, row_idx - read_r0][:, :, col_idx], plan.scale, dtype=np.float32
-                )
-            del data
             for c, probs in zip(kept, predictor(band, [c - pad_lo for c in kept]), strict=True):
                 x0, x1 = max(0, c), min(width, c + t)
                 part = np.multiply(
@@ -451,19 +422,21 @@ def _stream(
 
             f0, f1 = grid.finished_rows(b)
             if f1 > f0:
+                y0 = max(0, r)
                 sums = accumulator[:, f0 - r : f1 - r]
                 ok = band_valid[f0 - y0 : f1 - y0]
                 # every class of a pixel has the same summed weight: the class map needs
                 # the weighted sums only
                 class_map = sums.argmax(axis=0).astype(writers[0].dst.dtypes[0])
                 class_map[~ok] = nodata
-                writers[0].write(class_map[np.newaxis], ok)
+                blocks = [class_map[np.newaxis]]
                 if len(writers) > 1:
                     probs = sums / (row_cov[f0:f1, None] * col_cov[None, :])
                     if plan.probabilities == "uint8":
                         probs = np.rint(probs * 255)
                     probs[:, ~ok] = 0
-                    writers[1].write(probs.astype(plan.probabilities), ok)
+                    blocks.append(probs.astype(plan.probabilities))
+                output.write(ok, *blocks)
             if b + 1 < len(rows):
                 accumulator[:, : t - s] = accumulator[:, s:]
                 accumulator[:, t - s :] = 0
