@@ -29,6 +29,8 @@ _ORT_LOG_ERRORS_ONLY = 3
 #: Output stride of the models exported before the metadata recorded it.
 LEGACY_OUTPUT_STRIDE = 16
 _CUDA = "CUDAExecutionProvider"
+#: Feature rows :func:`softmax_upsampled` turns into probabilities at a time.
+CHUNK_CELLS = 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -304,13 +306,7 @@ class OnnxRuntime:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Mean over views of softmax(bilinear upsampling) of V×K×h×w logits, in numpy."""
-        s = self.output_stride
-        rows = _upsampling_matrix(logits.shape[-2], s)
-        cols = _upsampling_matrix(logits.shape[-1], s)
-        upsampled = rows @ np.ascontiguousarray(logits, dtype=np.float32) @ cols.T
-        upsampled -= upsampled.max(axis=1, keepdims=True)
-        np.exp(upsampled, out=upsampled)
-        upsampled /= upsampled.sum(axis=1, keepdims=True)
+        upsampled = softmax_upsampled(logits, self.output_stride)
         return upsampled[0] if len(upsampled) == 1 else upsampled.mean(axis=0)
 
     def feature_stream(self, view: View, rows: int, cols: int) -> StreamPush:
@@ -324,6 +320,9 @@ class OnnxRuntime:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N×K×H×W float32) for scaled input windows (N×C×H×W float32).
 
+        With the backbone and head graphs, the softmax and upsampling run in numpy (a
+        channel softmax is slow in ONNX Runtime); the whole graph otherwise.
+
         Raises:
             UsageError: The model was exported for a fixed window and ``batch`` has another.
         """
@@ -333,7 +332,33 @@ class OnnxRuntime:
                 f"not {batch.shape[-2]}×{batch.shape[-1]}; use --window {self.input_size} or "
                 "re-export with geoseg export onnx --dynamic-size"
             )
+        if self.feature_channels is not None:
+            return softmax_upsampled(self.head_logits(self.features(batch)), self.output_stride)
         return run_session(self.session, batch, self.on_gpu)
+
+
+def softmax_upsampled(logits: np.ndarray, stride: int) -> np.ndarray:
+    """Softmax over classes of the bilinear ``stride``× upsampling of N×K×h×w logits.
+
+    As PyTorch's ``F.interpolate`` (align_corners=False) then ``softmax(dim=1)``. Columns
+    are upsampled in one product; rows :data:`CHUNK_CELLS` feature rows at a time, each
+    chunk going through the softmax while it is in cache.
+    """
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    count, classes, height, width = logits.shape
+    rows = _upsampling_matrix(height, stride)
+    wide = logits @ _upsampling_matrix(width, stride).T  # N×K×h×(stride·w)
+    out = np.empty((count, classes, height * stride, width * stride), dtype=np.float32)
+    for first in range(0, height, CHUNK_CELLS):
+        last = min(height, first + CHUNK_CELLS)
+        # output rows of feature rows first..last mix only feature rows first-1..last
+        low, high = max(0, first - 1), min(height, last + 1)
+        chunk = rows[first * stride : last * stride, low:high] @ wide[:, :, low:high]
+        chunk -= chunk.max(axis=1, keepdims=True)
+        np.exp(chunk, out=chunk)
+        chunk /= chunk.sum(axis=1, keepdims=True)
+        out[:, :, first * stride : last * stride] = chunk
+    return out
 
 
 def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
