@@ -12,6 +12,7 @@ import pytest
 import rasterio
 from conftest import synthetic_scene, write_raster
 
+from geoseg_cli.errors import UsageError
 from geoseg_cli.export.onnx import export_onnx
 from geoseg_cli.inference.onnx_header import ProtobufError, read_onnx_header
 
@@ -84,3 +85,34 @@ def test_header_reader_matches_the_onnx_package(onnx_model, tmp_path):
         with pytest.raises(ProtobufError):
             read_onnx_header(bad)
     assert np.dtype(header["inputs"][0]["dtype"]) == np.float32
+
+
+def test_static_int8_is_qdq_calibrated_on_chips_and_agrees(tiny_checkpoint, chips, tmp_path):
+    import onnx
+
+    from geoseg_cli.inference.onnx_runtime import OnnxRuntime
+
+    result = export_onnx(tiny_checkpoint, tmp_path / "int8.onnx", precision="int8", calibrate=chips)
+    assert result.class_agreement >= 0.9
+    for path in (result.path, result.backbone):
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= 20
+        assert "DynamicQuantizeLinear" not in ops and "ConvInteger" not in ops
+        # per-channel weights: a weight DequantizeLinear has one scale per output channel
+        proto = onnx.load(str(path))
+        scales = {i.name: i.dims for i in proto.graph.initializer}
+        weight_dq = [
+            n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in scales
+        ]
+        assert any(len(scales[n.input[1]]) == 1 and scales[n.input[1]][0] > 1 for n in weight_dq)
+    head_ops = {n.op_type for n in onnx.load(str(result.head)).graph.node}
+    assert "QuantizeLinear" not in head_ops  # the head stays float
+    engine = OnnxRuntime(result.path, "cpu")
+    assert engine.metadata["precision"] == "int8" and engine.metadata["quantization"] == "static"
+    fp32 = OnnxRuntime(export_onnx(tiny_checkpoint, tmp_path / "fp32.onnx").path, "cpu")
+    image, _ = synthetic_scene(64, 64, num_classes=3, seed=5)
+    batch = np.stack([image[:, :32, :32], image[:, 32:, 32:]]).astype(np.float32) / 255
+    agree = (engine.predict(batch).argmax(1) == fp32.predict(batch).argmax(1)).mean()
+    assert agree >= 0.9
+    with pytest.raises(UsageError, match="--calibrate goes with --int8"):
+        export_onnx(tiny_checkpoint, tmp_path / "x.onnx", calibrate=chips)

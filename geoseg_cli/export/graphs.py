@@ -83,9 +83,23 @@ def default_opset(proto: Any) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def convert(proto: Any, precision: str, workdir: Path) -> Any:
-    """Turn the fp32 graph into the requested precision (input/output stay float32)."""
+def convert(
+    proto: Any,
+    precision: str,
+    workdir: Path,
+    calibrate: Path | None = None,
+    window: int | None = None,
+) -> Any:
+    """Turn the fp32 graph into the requested precision (input/output stay float32).
+
+    ``int8`` is static quantization calibrated on the chips folder ``calibrate`` (inputs
+    of ``window`` px) when one is given, dynamic quantization otherwise.
+    """
     onnx = import_onnx_dependency("onnx")
+    if precision == "int8" and calibrate is not None:
+        from geoseg_cli.export.quantize import quantize_static_int8
+
+        return quantize_static_int8(proto, calibrate, window, workdir)
     if precision == "fp16":
         import onnx_ir
         from onnxruntime.transformers.float16 import convert_float_to_float16

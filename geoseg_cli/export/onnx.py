@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from geoseg_cli.checkpoint import build_model, file_hash, load_checkpoint
+from geoseg_cli.chips import load_stats
 from geoseg_cli.errors import GeosegError, UsageError
 from geoseg_cli.export.graphs import convert, default_opset, for_old_runtimes, trace
 from geoseg_cli.export.metadata import (
@@ -93,6 +94,7 @@ def export_onnx(
     tolerance: float = FP32_TOLERANCE,
     overwrite: bool = False,
     split: bool = True,
+    calibrate: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a self-contained ``.onnx`` file with metadata.
 
@@ -112,13 +114,17 @@ def export_onnx(
         output: The ``.onnx`` file to write (atomically).
         opset: ONNX opset of the default domain (17 runs in QGIS's bundled onnxruntime).
         dynamic_size: Make height and width dynamic (GeoDeep and Deepness need fixed sizes).
-        precision: ``fp32``, ``fp16`` (for GPUs) or ``int8`` (dynamic quantization for CPUs).
+        precision: ``fp32``, ``fp16`` (for GPUs) or ``int8`` (for CPUs; see
+            ``calibrate``).
         stride: Recommended stride written to the metadata (default: predict's default,
             half the window); sets ``tiles_overlap``.
         resolution: Ground resolution in cm/px (default: from the checkpoint).
         tolerance: Largest accepted fp32 probability difference to PyTorch.
         overwrite: Replace an existing output.
         split: Also write the backbone and head graphs (``--engine shared`` needs them).
+        calibrate: With ``int8``, a ``geoseg tile`` chips folder of the training data:
+            static int8 (QDQ) calibrated on its train chips instead of dynamic
+            quantization; the head graph stays fp32.
 
     Returns:
         The export summary, with parity against PyTorch.
@@ -135,6 +141,11 @@ def export_onnx(
         raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if opset < DEFAULT_OPSET:
         raise UsageError(f"--opset {opset} is too old; torch's exporter needs 17 or newer")
+    if calibrate is not None:
+        if precision != "int8":
+            raise UsageError("--calibrate goes with --int8 (static int8 quantization)")
+        calibrate = Path(calibrate)
+        load_stats(calibrate)  # a chips folder, before the slow part
     parts = split_paths(output) if split else ()
     for path in (output, *parts):
         check_output(path, overwrite)
@@ -187,6 +198,8 @@ def export_onnx(
         "opset": opset,
         "dynamic_size": dynamic_size,
     }
+    if precision == "int8":
+        details["quantization"] = "dynamic" if calibrate is None else "static"
     metadata = onnx_metadata(ckpt, details)
     shapes = [(PARITY_BATCH, channels, window, window)]
     if dynamic_size:
@@ -200,7 +213,9 @@ def export_onnx(
             for name, part, part_tmp, final in zip(
                 ("backbone", "head"), part_protos, part_tmps, parts, strict=True
             ):
-                part = for_old_runtimes(convert(part, precision, workdir))
+                # the head's input is features, not chips: static int8 keeps it fp32
+                kept = "fp32" if calibrate is not None and name == "head" else precision
+                part = for_old_runtimes(convert(part, kept, workdir, calibrate, window))
                 del part.metadata_props[:]
                 onnx.helper.set_model_props(
                     part, {"geoseg_part": json.dumps({"part": name, "model": Path(output).name})}
@@ -211,7 +226,7 @@ def export_onnx(
             geoseg = json.loads(metadata[GEOSEG_METADATA_KEY])
             geoseg["split_graphs"] = split_info
             metadata[GEOSEG_METADATA_KEY] = json.dumps(geoseg)
-        proto = for_old_runtimes(convert(proto, precision, workdir))
+        proto = for_old_runtimes(convert(proto, precision, workdir, calibrate, window))
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, metadata)
         onnx.checker.check_model(proto)
