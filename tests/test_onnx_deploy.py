@@ -116,3 +116,61 @@ def test_static_int8_is_qdq_calibrated_on_chips_and_agrees(tiny_checkpoint, chip
     assert agree >= 0.9
     with pytest.raises(UsageError, match="--calibrate goes with --int8"):
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", calibrate=chips)
+
+
+def test_split_window_path_gives_the_whole_graphs_probabilities(onnx_model):
+    from geoseg_cli.inference.onnx_runtime import OnnxRuntime, run_session
+
+    engine = OnnxRuntime(onnx_model, "cpu")
+    assert engine.feature_channels is not None  # predict runs backbone + head + numpy
+    image, _ = synthetic_scene(64, 96, num_classes=3, seed=6)
+    batch = np.stack([image[:, :, :48], image[:, :, 48:]]).astype(np.float32) / 255
+    whole = run_session(engine.session, batch, on_gpu=False)
+    split = engine.predict(batch)
+    assert split.shape == whole.shape == (2, 3, 64, 48)
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    np.testing.assert_allclose(split.sum(axis=1), 1, atol=1e-5)
+
+
+def test_session_options_use_every_core_without_spinning():
+    from geoseg_cli.inference.onnx_runtime import session_options, usable_cores
+
+    options = session_options()
+    assert options.intra_op_num_threads == usable_cores() >= 1
+    assert options.inter_op_num_threads == 1
+    assert options.enable_mem_pattern and options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(3).intra_op_num_threads == 3
+
+
+def test_balanced_batch_fills_the_fewest_passes_evenly():
+    from geoseg_cli.inference.predict import balanced_batch
+
+    assert [balanced_batch(n, 4) for n in (1, 4, 5, 9, 16, 17)] == [1, 4, 3, 3, 4, 4]
+    assert balanced_batch(9, 16) == 9
+
+
+def test_read_ahead_and_write_behind():
+    from geoseg_cli.inference.background import ReadAhead, WriteBehind
+
+    with ReadAhead(lambda i: i * i, 4) as ahead:
+        assert [ahead.get(i) for i in range(4)] == [0, 1, 4, 9]
+        with pytest.raises(IndexError):
+            ahead.get(7)
+
+    class Writer:
+        def __init__(self) -> None:
+            self.rows: list[int] = []
+
+        def write(self, data: np.ndarray, valid: np.ndarray) -> None:
+            if data.shape[1] == 0:
+                raise OSError("disk full")
+            self.rows.append(data.shape[1])
+
+    writer = Writer()
+    with WriteBehind([writer]) as behind:
+        for n in (3, 5, 2):
+            behind.write(np.ones((n, 4), bool), np.zeros((1, n, 4)))
+    assert writer.rows == [3, 5, 2]
+    with pytest.raises(OSError, match="disk full"), WriteBehind([Writer()]) as behind:
+        behind.write(np.ones((0, 4), bool), np.zeros((1, 0, 4)))

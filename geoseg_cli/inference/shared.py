@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 #: Largest tile side (pixels, before the halo) on a CPU and on a GPU; a runtime with row
 #: streams feeds a quarter of this square at a time instead.
 CPU_TILE, GPU_TILE = 1024, 2048
+#: Without a ``tile`` from the user, tiles are strips up to this many tile sides wide
+#: (a whole row of a raster up to that width): fewer seams, so less halo recomputed.
+STRIP_TILES = 4
 #: Context (pixels) read around each tile on the sides where it meets another tile.
 DEFAULT_HALO = 64
 #: Windows × views per head pass on a CPU and on a GPU when the user gives no batch size.
@@ -106,7 +109,8 @@ class SharedPredictor:
         batch_size: Windows × views per head pass, rounded down to whole windows (default:
             :data:`CPU_HEAD_BATCH` or :data:`GPU_HEAD_BATCH`).
         tile: Largest tile side in pixels, a multiple of the output stride (default:
-            :data:`CPU_TILE` or :data:`GPU_TILE`); with row streams, the strip height.
+            :data:`CPU_TILE` or :data:`GPU_TILE` high and :data:`STRIP_TILES` times that
+            wide); with row streams, the strip height.
         halo: Context around inner tile sides in pixels, a multiple of the output stride;
             with row streams, the context rows read where a stream restarts.
 
@@ -127,6 +131,7 @@ class SharedPredictor:
         halo: int | None = None,
     ) -> None:
         s = runtime.output_stride
+        tile_width = None if tile else STRIP_TILES
         tile = tile or (GPU_TILE if runtime.on_gpu else CPU_TILE)
         halo = DEFAULT_HALO if halo is None else halo
         if tile < s or tile % s or halo < 0 or halo % s:
@@ -143,7 +148,7 @@ class SharedPredictor:
         (top, bottom), (left, right) = grid.padded_rows, grid.padded_cols
         self._bounds = (top, bottom, left, right)
         self._row_spans = split_span(top, bottom, tile, s)
-        self._col_spans = split_span(left, right, tile, s)
+        self._col_spans = split_span(left, right, tile * (tile_width or 1), s)
         self._col_starts = [a for a, _ in self._col_spans]
         self._band_tops = [int(r) for r in grid.row_starts]
         self._band = 0
@@ -180,8 +185,9 @@ class SharedPredictor:
         channels, features = len(self.plan.bands), self.runtime.feature_channels
         t, width = grid.window, self.plan.padded_width
         cache = views * features * (t + self.tile) // s * (width // s) * 4
-        side = self.tile + 2 * self.halo
-        pixels = self._stream_rows * width if self.runtime.streams else side * side
+        a, b = self._col_spans[0]
+        tile_pixels = (self.tile + 2 * self.halo) * (b - a + 2 * self.halo)
+        pixels = self._stream_rows * width if self.runtime.streams else tile_pixels
         pass_bytes = 2 * channels * pixels * 4 + 2 * features * (pixels // s**2) * 4
         head = self.batch_size * (features + classes) * (t // s) ** 2 * 4
         probabilities = (1 + 2 * views) * classes * t * t * 4
@@ -194,7 +200,8 @@ class SharedPredictor:
             backbone = f"streamed over {right - left} px wide rows, {self._stream_rows} at a time"
         else:
             tiles = len(self._row_spans) * len(self._col_spans)
-            backbone = f"on {tiles} tile(s) of <= {self.tile} px (+{self.halo} px context)"
+            (a, b), (c, d) = self._row_spans[0], self._col_spans[0]
+            backbone = f"on {tiles} tile(s) of {b - a}×{d - c} px (+{self.halo} px context)"
         images = grid.count * len(self.plan.views)
         return (
             f"shared engine, backbone once per pixel and view {backbone}, head on at most "
