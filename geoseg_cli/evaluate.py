@@ -15,6 +15,7 @@ from rasterio.windows import Window
 
 from geoseg_cli.classes import PRESETS, ClassInfo, ClassTable, load_classes
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.faults import read_errors
 from geoseg_cli.labels import RasterLabels, VectorLabels, warn_unscored_labels
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
@@ -161,7 +162,7 @@ def _label_reader(
         if polygons is None:
             src = stack.enter_context(open_raster(path))
             _check_grids(pred, src)
-            _check_class_map(src)
+            _check_class_map(src, labels=True)
             if table is None:
                 if src.count >= 3:
                     raise UsageError(
@@ -287,21 +288,37 @@ def _positional_table(
 
 
 def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
-    """Band 1 rows as int64 with nodata pixels set to -1 (no class, no prediction)."""
-    raw = src.read(1, window=Window(0, row, src.width, rows))
-    values = raw.astype(np.int64)
+    """Band 1 rows as int64, -1 where nodata or not finite (no class, no prediction).
+
+    Raises:
+        InputError: The file fails to read, or a float band holds fractions.
+    """
+    with read_errors(src):
+        raw = src.read(1, window=Window(0, row, src.width, rows))
     nodata = nodata_value(src)
-    if nodata is not None:
-        values[raw == nodata] = -1
+    invalid = raw == nodata if nodata is not None else np.zeros(raw.shape, bool)
+    if raw.dtype.kind == "f":
+        invalid |= ~np.isfinite(raw)
+        raw = np.where(invalid, -1, raw)
+        if not np.array_equal(raw, np.round(raw)):
+            raise InputError(
+                f"{src.name}: class ids must be whole numbers; found fractions (is this an "
+                "image rather than a label raster?)"
+            )
+    values = raw.astype(np.int64)
+    values[invalid] = -1
     return values
 
 
-def _check_class_map(src: rasterio.DatasetReader) -> None:
-    if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-        raise InputError(
-            f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
-            "give integer class ids (e.g. the uint8 output of geoseg predict)"
-        )
+def _check_class_map(src: rasterio.DatasetReader, labels: bool = False) -> None:
+    """Refuse a band 1 that cannot hold class ids (integers; for labels, also floats)."""
+    kind = np.dtype(src.dtypes[0]).kind
+    if kind in "iu" or (labels and kind == "f"):
+        return
+    raise InputError(
+        f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
+        "give integer class ids (e.g. the uint8 output of geoseg predict)"
+    )
 
 
 def _check_grids(pred: rasterio.DatasetReader, labels: rasterio.DatasetReader) -> None:

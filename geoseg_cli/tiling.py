@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from geoseg_cli.checkpoint import InputSpec
 from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, write_chips_index
 from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.faults import gdal_write_errors
 from geoseg_cli.labels import LabelSource, open_labels, resolve_classes
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
@@ -205,21 +207,26 @@ def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> lis
     return infos
 
 
+@contextlib.contextmanager
 def _open_chip(
     path: Path, src: rasterio.DatasetReader, window: Window, **profile: Any
-) -> rasterio.io.DatasetWriter:
-    """Open a chip GeoTIFF for writing on ``window`` of ``src``'s grid."""
-    return rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=int(window.width),
-        height=int(window.height),
-        crs=src.crs,
-        transform=window_transform(window, src.transform),
-        compress="deflate",
-        **profile,
-    )
+) -> Iterator[rasterio.io.DatasetWriter]:
+    """Open a chip GeoTIFF for writing on ``window`` of ``src``'s grid (failures raised)."""
+    with (
+        gdal_write_errors(path),
+        rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=int(window.width),
+            height=int(window.height),
+            crs=src.crs,
+            transform=window_transform(window, src.transform),
+            compress="deflate",
+            **profile,
+        ) as dst,
+    ):
+        yield dst
 
 
 def _cut_source(

@@ -16,6 +16,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError
+from geoseg_cli.faults import read_errors
 from geoseg_cli.inference.outputs import (
     Outputs,
     RowWriter,
@@ -377,8 +378,9 @@ def _region_reader(src: rasterio.DatasetReader, plan: Plan) -> RegionReader:
         col_idx = reflect_indices(left + cols[0], left + cols[1], src.width)
         r0, c0 = int(row_idx.min()), int(col_idx.min())
         window = Window(c0, r0, int(col_idx.max()) + 1 - c0, int(row_idx.max()) + 1 - r0)
-        data = src.read(list(plan.bands), window=window)
-        return np.multiply(data[:, row_idx - r0][:, :, col_idx - c0], plan.scale, dtype=np.float32)
+        with read_errors(src):
+            data = src.read(list(plan.bands), window=window)
+        return plan.model_input(data[:, row_idx - r0][:, :, col_idx - c0])
 
     return read
 
@@ -387,8 +389,20 @@ def _read(src: rasterio.DatasetReader, plan: Plan, window: Window) -> tuple[np.n
     """Raw bands and valid mask over ``window`` (by the plan's nodata rule)."""
     if plan.nodata is None:
         return read_masked(src, window, list(plan.bands))
-    data = src.read(list(plan.bands), window=window)
+    with read_errors(src):
+        data = src.read(list(plan.bands), window=window)
     return data, nodata_valid(data, plan.nodata)
+
+
+def _non_finite(src: rasterio.DatasetReader, region: Window, row: int, col: int) -> InputError:
+    """The error for a window whose probabilities are NaN or infinite."""
+    top, left = max(0, int(region.row_off) + row), max(0, int(region.col_off) + col)
+    return InputError(
+        f"{src.name}: the model returned NaN/inf probabilities for the window at row {top}, "
+        f"column {left}, whose finite input is far outside what the model was trained on "
+        "(e.g. a fill value such as -3.4e38): mark such values nodata with --nodata VALUE or "
+        "gdal_edit -a_nodata, or rescale the raster"
+    )
 
 
 def _stream(
@@ -433,11 +447,11 @@ def _stream(
             # The step sees every band, in order, even one without windows to predict.
             band = None
             if kept and predictor.needs_band:
-                band = np.multiply(
-                    data[:, row_idx - read_r0][:, :, col_idx], plan.scale, dtype=np.float32
-                )
+                band = plan.model_input(data[:, row_idx - read_r0][:, :, col_idx])
             del data
             for c, probs in zip(kept, predictor(band, [c - pad_lo for c in kept]), strict=True):
+                if not np.isfinite(probs).all():
+                    raise _non_finite(src, region, r, c)
                 x0, x1 = max(0, c), min(width, c + t)
                 part = np.multiply(
                     probs[:, :, x0 - c : x1 - c],
