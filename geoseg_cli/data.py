@@ -28,7 +28,8 @@ class ChipDataset(Dataset):
     ``(raw · scale − mean) / std`` per band, what the inference graph computes from
     ``raw · scale``. A chip larger than ``size`` is cropped (at a random place with
     ``random_crop``, else centred); a smaller one is padded (image 0 after standardization,
-    label ``ignore_index``). Augmentations are drawn from a generator seeded by (seed,
+    label ``ignore_index``), and so are values that are not finite (NaN, ±inf: nodata) of
+    float chips. Augmentations are drawn from a generator seeded by (seed,
     epoch, chip index), so a batch does not depend on workers, ranks or a resume.
 
     Args:
@@ -121,6 +122,11 @@ class ChipDataset(Dataset):
                 f"outside the {num_classes} classes; re-run geoseg tile"
             )
         image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
+        if raw.dtype.kind == "f":  # NaN and ±inf are nodata: 0 after standardization, ignored
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                image[bad] = 0
+                label = np.where(bad.any(axis=0), self.stats.ignore_index, label)
         return image, label
 
     def _fit(

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +237,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
     from geoseg_cli.tiling import tile
     from geoseg_cli.train import train
-    from geoseg_cli.train_config import TrainConfig
+    from geoseg_cli.train_config import TrainConfig, write_config_file
 
     timer = _Timer()
     final = Path(config.outdir)
@@ -269,21 +269,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 seed=0,
             )
         with timer.step("train", f"training {config.backbone} scg-gcn for {config.epochs} epochs"):
-            run = train(
-                TrainConfig(
-                    chips_dir=out / "chips",
-                    output=out / "run",
-                    backbone=config.backbone,
-                    window=config.window,
-                    epochs=config.epochs,
-                    batch_size=config.batch_size,
-                    lr=config.lr,
-                    loss=config.loss,
-                    device=config.device,
-                    workers=0,
-                    lr_step_epochs=max(config.epochs, 1),
-                )
+            train_config = TrainConfig(
+                chips_dir=out / "chips",
+                output=out / "run",
+                backbone=config.backbone,
+                window=config.window,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                lr=config.lr,
+                loss=config.loss,
+                device=config.device,
+                workers=0,
+                lr_step_epochs=max(config.epochs, 1),
             )
+            run = train(train_config)
+            # the run's config.toml names where the demo's folders will be, for --resume
+            moved = {"chips_dir": final.absolute() / "chips", "output": final.absolute() / "run"}
+            write_config_file(replace(train_config, **moved), out / "run" / "config.toml")
         pred = out / "scene_heldout_pred.tif"
         with timer.step("predict", "predicting the held-out scene with flip TTA"):
             runtime = load_runtime(run.best_path, config.device)

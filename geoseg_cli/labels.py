@@ -328,8 +328,33 @@ class VectorLabels:
             shapes = shapely.from_geojson([json.dumps(g) for g in geoms])
         except (GEOSException, ValueError) as exc:
             raise InputError(f"{self.path}: invalid geometry ({exc}); repair the file") from exc
+        shapes = self._repaired(shapes)
         self._cache[key] = (shapes, shapely.STRtree(shapes))
         return self._cache[key]
+
+    def _repaired(self, shapes: np.ndarray) -> np.ndarray:
+        """The shapes, invalid ones (self-intersecting rings ...) made valid, with a warning.
+
+        A self-intersecting ring would be burnt with holes where it overlaps itself; the
+        repair keeps the area its rings enclose (GEOS's "structure" method).
+        """
+        invalid = np.flatnonzero(~shapely.is_valid(shapes))
+        if not invalid.size:
+            return shapes
+        first = shapely.is_valid_reason(shapes[invalid[0]])
+        shapes = shapes.copy()
+        shapes[invalid] = shapely.make_valid(
+            shapes[invalid], method="structure", keep_collapsed=False
+        )
+        log.warning(
+            "%s: %d invalid polygon(s) repaired with shapely.make_valid (first: feature %d, "
+            "%s); check them (e.g. QGIS's Fix geometries)",
+            self.path,
+            invalid.size,
+            invalid[0],
+            first,
+        )
+        return shapes
 
     @contextlib.contextmanager
     def reader(self, table: ClassTable, image: rasterio.DatasetReader) -> Iterator[LabelReader]:

@@ -12,7 +12,7 @@ import click
 
 from geoseg_cli import __version__
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.errors import GeosegError, UsageError
+from geoseg_cli.errors import GeosegError, Interrupted, UsageError
 from geoseg_cli.progress import ProgressLogHandler
 
 log = logging.getLogger("geoseg_cli")
@@ -81,10 +81,19 @@ class GeosegGroup(click.Group):
             formatter.write_dl([(name, help_) for name, (_, help_) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
-        """Run the command; library errors become one-line click errors."""
+        """Run the command; library errors become one-line click errors.
+
+        Ctrl-C and SIGTERM exit with 128 + the signal number (130, 143), as a shell reports.
+        """
         # SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does
+        received = [signal.SIGINT]
+
+        def terminate(signum: int, frame: object) -> None:
+            received[0] = signal.Signals(signum)
+            raise KeyboardInterrupt
+
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+        previous = signal.signal(signal.SIGTERM, terminate) if main else None
         try:
             return super().invoke(ctx)
         except GeosegError as exc:
@@ -92,9 +101,12 @@ class GeosegGroup(click.Group):
             if isinstance(exc, UsageError):
                 raise click.UsageError(str(exc)) from None
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             log.debug("traceback:", exc_info=True)
-            raise click.ClickException("interrupted; no partial output was kept") from None
+            kept = str(exc) if isinstance(exc, Interrupted) else "no partial output was kept"
+            error = click.ClickException(f"interrupted; {kept}")
+            error.exit_code = 128 + received[0]
+            raise error from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
@@ -106,10 +118,6 @@ class GeosegGroup(click.Group):
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
