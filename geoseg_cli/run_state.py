@@ -179,6 +179,16 @@ def non_finite_message(run_dir: Path, epoch: int, step: int, value: float, chips
     )
 
 
+def discard_unfinished(run_dir: Path) -> None:
+    """Remove a new run folder whose first epoch never reached ``last.pt``."""
+    if (run_dir / "last.pt").is_file():
+        return
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def kept_note(run_dir: Path, epoch: int) -> str:
     """What a stopped run leaves: ``last.pt`` after ``epoch`` epochs to resume from, or nothing."""
     last = run_dir / "last.pt"

@@ -40,6 +40,7 @@ from geoseg_cli.optim import (
 from geoseg_cli.progress import progress
 from geoseg_cli.run_state import (
     check_run_dir,
+    discard_unfinished,
     kept_note,
     make_run_dir,
     non_finite_message,
@@ -493,8 +494,8 @@ def train(
                 seed_everything(config.seed + ctx.rank)
             return trainer.run(on_epoch_end)
         except BaseException as exc:
-            if created and not any(config.output.iterdir()):  # stopped before any epoch
-                config.output.rmdir()
+            if created:
+                discard_unfinished(config.output)
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
                 raise Interrupted(kept_note(config.output, trainer.epoch)) from exc
             raise
