@@ -80,7 +80,7 @@ def sample_nodes(
         B×M×n bool node masks.
     """
     easy = coarse & truth
-    keys = torch.rand(truth.shape[0], 1, truth.shape[2], generator=generator).to(truth.device)
+    keys = torch.rand(truth.shape[0], 1, truth.shape[2], generator=generator, device=truth.device)
     rank = torch.where(easy, keys, 2.0).argsort(dim=-1).argsort(dim=-1)
     count = easy.sum(dim=-1, keepdim=True)
     dropped = count - torch.floor(keep * count + 0.5).long()
