@@ -83,8 +83,16 @@ def prepare_data(root: Path, size: int, window: int) -> tuple[Path, Path, Path]:
     table = [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES]
     classes.write_text(json.dumps({"ignore_index": IGNORE_INDEX, "classes": table}))
     chips = root / "chips"
-    tile([str(train_image)], [str(train_labels)], chips, size=window, stride=window // 2,
-         classes=str(classes), val_fraction=0.2, seed=0)  # fmt: skip
+    tile(
+        [str(train_image)],
+        [str(train_labels)],
+        chips,
+        size=window,
+        stride=window // 2,
+        classes=str(classes),
+        val_fraction=0.2,
+        seed=0,
+    )
     return chips, test_image, test_labels
 
 
@@ -95,11 +103,21 @@ def train_and_score(
     label, variant, options = row
     run = root / label.replace(" ", "_").replace(",", "")
     config = TrainConfig(
-        chips_dir=chips, output=run, variant=variant, backbone=args.backbone,
-        window=args.window, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        loss=DEMO.loss, device="cpu", workers=0, lr_step_epochs=args.epochs,
-        seed=args.seed, model_options=options,
-    )  # fmt: skip
+        chips_dir=chips,
+        output=run,
+        variant=variant,
+        backbone=args.backbone,
+        window=args.window,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loss=DEMO.loss,
+        device="cpu",
+        workers=0,
+        lr_step_epochs=args.epochs,
+        seed=args.seed,
+        model_options=options,
+    )
     start = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - start
@@ -137,8 +155,10 @@ def main() -> None:
             chips, image, labels = prepare_data(root, args.size, args.window)
             for i, row in enumerate(ROWS):
                 trained[i] = train_and_score(root, chips, image, labels, row, args)
-                print(f"# {row[0]}: {trained[i][0]:.0f} s, held-out mIoU {trained[i][1]:.4f}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"# {row[0]}: {trained[i][0]:.0f} s, held-out mIoU {trained[i][1]:.4f}",
+                    flush=True,
+                )
 
     print(
         f"\n{args.backbone}, 3 bands, {len(DEMO_CLASSES)} classes; {platform.processor() or 'CPU'}"

@@ -65,9 +65,11 @@ def sample_nodes(
 ) -> torch.Tensor:
     """Dynamic sampling of each class's nodes: C ∪ G − (1 − r)·(C ∩ G).
 
-    The easy positives C ∩ G of each class and sample keep round(r·|C ∩ G|) of them
-    (halves up), chosen uniformly at random: one random key per position, the smallest
-    keys dropped. Positions with no ground-truth class (every G false) are never nodes.
+    Of each class's easy positives C ∩ G (per sample), round(r·|C ∩ G|) are kept (halves
+    round up) and the others dropped, chosen uniformly at random: one random key per
+    position, the easy positives with the smallest keys are dropped. Hard positives (G
+    only) and false positives (C only) are always kept; positions without a ground-truth
+    class (every G false: ignore-index pixels) are never nodes.
 
     Args:
         coarse: B×M×n bool, the coarse prediction's class masks C.
@@ -128,7 +130,7 @@ class CDGCHead(nn.Module):
     Args:
         in_channels: Feature channels C.
         num_classes: Number of classes M.
-        variant: The registry row.
+        variant: The registry row (cdgc's has no settings; taken as every head takes it).
         channels: D, channels of the reduced features (even: φ and φ′ have D/2).
         keep: r, the kept share of the easy positives in dynamic sampling.
         dynamic_sampling: Sample the nodes from coarse mask and labels in training; off,

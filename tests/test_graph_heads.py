@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -328,16 +329,13 @@ def test_gradients_reach_every_parameter_and_a_train_step_stays_finite(name: str
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     criterion = SegmentationLoss("dice+ce")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for _ in range(2):
+    for _ in range(2):  # geoseg train's step: forward_loss(net(images, labels)), then step
         loss = forward_loss(model, criterion, images, labels, None)
         assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
+        optimizer_step(loss, optimizer, scaler, scheduler)
         for pname, param in model.named_parameters():
             assert param.grad is not None and torch.isfinite(param.grad).all(), pname
             assert param.grad.abs().sum() > 0, pname
-        optimizer_step(forward_loss(model, criterion, images, labels, None), optimizer, scaler,
-                       scheduler)  # fmt: skip
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
 
@@ -443,11 +441,10 @@ def test_train_model_options_reach_the_checkpoint(chips, tmp_path) -> None:
     config = tmp_path / "exp.toml"
     config.write_text('variant = "cdgc"\n\n[model_options]\nkeep = 0.25\nchannels = 32\n')
     run = tmp_path / "run"
-    args = ["-q", "train", str(chips), "-o", str(run), "--config", str(config),
-            "--backbone", "resnet18", "--window", "64", "--epochs", "1", "--workers", "0",
-            "--device", "cpu", "--model-option", "dynamic-sampling=false",
-            "--model-option", "keep=0.75"]  # fmt: skip
-    result = CliRunner().invoke(cli, args)
+    base = ["-q", "train", str(chips), "-o", str(run), "--config", str(config)]
+    base += shlex.split("--backbone resnet18 --window 64 --epochs 1 --workers 0 --device cpu")
+    options = ["--model-option", "dynamic-sampling=false", "--model-option", "keep=0.75"]
+    result = CliRunner().invoke(cli, [*base, *options])
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt.model.variant == "cdgc"
@@ -457,8 +454,8 @@ def test_train_model_options_reach_the_checkpoint(chips, tmp_path) -> None:
     assert saved["model_options"] == ckpt.model.options
     assert (run / "config.toml").read_text().rstrip().endswith("dynamic_sampling = false")
 
-    bad = CliRunner().invoke(cli, [*args[:-4], "--model-option", "r=0.3", "--overwrite"])
+    bad = CliRunner().invoke(cli, [*base, "--model-option", "r=0.3", "--overwrite"])
     assert bad.exit_code == 2
     assert "model option r is unknown for cdgc; valid: channels, keep" in bad.output
-    bad = CliRunner().invoke(cli, [*args[:-2], "--model-option", "keep", "--overwrite"])
+    bad = CliRunner().invoke(cli, [*base, *options[:2], "--model-option", "keep", "--overwrite"])
     assert bad.exit_code == 2 and "is not KEY=VALUE" in bad.output
