@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import platform
 import statistics
 import tempfile
@@ -28,13 +28,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geoseg_cli.demo import DEMO_CLASSES, IGNORE_INDEX, DemoConfig, write_scene
-from geoseg_cli.engine import load_engine
+from geoseg_cli.demo import DEMO_CLASSES, DemoConfig, tile_scene, write_classes, write_scene
 from geoseg_cli.evaluate import evaluate
-from geoseg_cli.predict import PredictOptions, predict_raster
-from geoseg_cli.tiling import tile
+from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
 from geoseg_cli.train import train
-from geoseg_cli.train_config import TrainConfig
 from models import BACKBONES, count_parameters, create_model
 
 #: (label, variant, model options) of the rows.
@@ -79,21 +76,8 @@ def prepare_data(root: Path, size: int, window: int) -> tuple[Path, Path, Path]:
     data.mkdir()
     train_image, train_labels = write_scene(data, "scene_train", size, 1)
     test_image, test_labels = write_scene(data, "scene_heldout", size, 2)
-    classes = data / "classes.json"
-    table = [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES]
-    classes.write_text(json.dumps({"ignore_index": IGNORE_INDEX, "classes": table}))
-    chips = root / "chips"
-    tile(
-        [str(train_image)],
-        [str(train_labels)],
-        chips,
-        size=window,
-        stride=window // 2,
-        classes=str(classes),
-        val_fraction=0.2,
-        seed=0,
-    )
-    return chips, test_image, test_labels
+    tile_scene(train_image, train_labels, write_classes(data), root / "chips", window)
+    return root / "chips", test_image, test_labels
 
 
 def train_and_score(
@@ -102,28 +86,22 @@ def train_and_score(
     """Training seconds and held-out mIoU of one row."""
     label, variant, options = row
     run = root / label.replace(" ", "_").replace(",", "")
-    config = TrainConfig(
-        chips_dir=chips,
-        output=run,
-        variant=variant,
+    demo = dataclasses.replace(
+        DEMO,
         backbone=args.backbone,
         window=args.window,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        loss=DEMO.loss,
         device="cpu",
-        workers=0,
-        lr_step_epochs=args.epochs,
-        seed=args.seed,
-        model_options=options,
     )
+    config = demo.train_config(chips, run, variant=variant, seed=args.seed, model_options=options)
     start = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - start
     prediction = run / "heldout.tif"
-    engine = load_engine(result.best_path, "cpu")
-    predict_raster(engine, image, prediction, PredictOptions(tta="flip", batch_size=8))
+    runtime = load_runtime(result.best_path, "cpu")
+    predict_raster(runtime, image, prediction, PredictOptions(tta="flip", batch_size=8))
     metrics = evaluate(prediction, labels, classes=[c.name for c in DEMO_CLASSES])
     return seconds, metrics.miou
 

@@ -198,8 +198,10 @@ class CDGCHead(nn.Module):
 
     @_in_float32
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The head's per-position maps of backbone features B×C×h×w: X, P, φ(X), φ′(X)
-        concatenated, B×(2D + M)×h×w. They do not depend on the window."""
+        """The head's per-position maps of backbone features B×C×h×w.
+
+        X, P, φ(X), φ′(X) concatenated, B×(2D + M)×h×w. They do not depend on the window.
+        """
         x = self.reduce(features)
         return torch.cat([x, self.coarse(x), self.phi(x), self.phi_prime(x)], dim=1)
 
@@ -207,9 +209,11 @@ class CDGCHead(nn.Module):
     def decode(
         self, projected: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor | SegmentationOutput:
-        """The graph part on one window's projected features B×(2D + M)×h×w: refined logits
-        B×M×h×w in eval mode, a :class:`SegmentationOutput` in training (``labels``
-        B×H×W are needed there when dynamic sampling is on)."""
+        """The graph part on one window's projected features B×(2D + M)×h×w.
+
+        Refined logits B×M×h×w in eval mode, a :class:`SegmentationOutput` in training
+        (``labels`` B×H×W are needed there when dynamic sampling is on).
+        """
         d, m = self.channels, self.num_classes
         x, coarse = projected[:, :d], projected[:, d : d + m]
         theta, theta_prime = projected[:, d + m : d + m + d // 2], projected[:, d + m + d // 2 :]
@@ -231,8 +235,7 @@ class CDGCHead(nn.Module):
         )
 
     def _nodes(self, coarse: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """B×M×n node masks: the coarse argmax, or in training with dynamic sampling
-        :func:`sample_nodes` of it and the labels."""
+        """B×M×n node masks: the coarse argmax, or :func:`sample_nodes` in training."""
         classes = torch.arange(self.num_classes, device=coarse.device).view(1, -1, 1)
         predicted = coarse.argmax(dim=1).flatten(1).unsqueeze(1) == classes
         if not (self.training and self.dynamic_sampling):
@@ -248,6 +251,7 @@ class CDGCHead(nn.Module):
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor | SegmentationOutput:
+        """Refined logits of backbone features; in training with the auxiliary logits too."""
         out = self.decode(self.project(features), labels)
         if not self.training:
             return out

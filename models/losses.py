@@ -135,10 +135,10 @@ class LossOutput(NamedTuple):
 
 
 class SegmentationLoss(nn.Module):
-    """Segmentation loss plus the model's auxiliary terms (paper eq. 15 with ``kind="dice"``
-    for the SCG-Net variants).
+    """Segmentation loss plus the model's auxiliary terms.
 
-    For a :class:`SegmentationOutput` the total is ``weight`` × the segmentation term of its
+    For the SCG-Net variants with ``kind="dice"`` this is the paper's eq. 15. For a
+    :class:`SegmentationOutput` the total is ``weight`` × the segmentation term of its
     logits (the chosen kind, or OHEM cross-entropy when the output asks for it) + L_kl +
     L_dl (when present) + each auxiliary logits' weight × its cross-entropy.
 

@@ -50,8 +50,10 @@ class MultiViewSCGHead(SCGHead):
     """
 
     def decode(self, projected: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        """Σ over the views v of v(SCGHead.decode(v(projected))): logits B×c×h×w, or in
-        training a :class:`SegmentationOutput` with the views' L_kl and L_dl summed."""
+        """Σ over the views v of v(SCGHead.decode(v(projected))), logits B×c×h×w.
+
+        In training a :class:`SegmentationOutput` with the views' L_kl and L_dl summed.
+        """
         single = super().decode
         outputs = [(view, single(view(projected))) for view in VIEWS]
         if not self.training:

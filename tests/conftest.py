@@ -239,8 +239,7 @@ def save_tiny_checkpoint(
     seed: int = 0,
     variant: str = "scg-gcn",
 ) -> Path:
-    """Save an untrained model (scg-gcn unless ``variant`` names another, resnet18
-    backbone) as a geoseg checkpoint.
+    """Save an untrained model (``variant``, resnet18 backbone) as a geoseg checkpoint.
 
     Input scaling follows ``dtype`` (1/255 for uint8, 1/10000 otherwise); classes are named
     ``class_0``… with distinct colours.

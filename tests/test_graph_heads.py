@@ -15,16 +15,14 @@ from conftest import save_tiny_checkpoint
 import models
 from geoseg_cli.checkpoint import load_checkpoint, save_checkpoint
 from geoseg_cli.cli import cli
-from geoseg_cli.engine import InferenceModel, TorchEngine, mean_probabilities
-from geoseg_cli.export import FP32_TOLERANCE, export_onnx
-from geoseg_cli.predict import EnginePredictor
-from geoseg_cli.rowstream import FeatureStream
-from geoseg_cli.shared import SharedPredictor
-from geoseg_cli.train import forward_loss, optimizer_step, read_config_file
-from geoseg_cli.tta import tta_views
-from geoseg_cli.windows import Grid, reflect_indices
-from models import SegmentationLoss, SegmentationOutput, create_model
+from geoseg_cli.export.metadata import FP32_TOLERANCE
+from geoseg_cli.export.onnx import export_onnx
+from geoseg_cli.inference.torch_runtime import TorchRuntime
+from geoseg_cli.optim import forward_loss, optimizer_step
+from geoseg_cli.train_config import read_config_file
+from models import InferenceModel, SegmentationLoss, SegmentationOutput, create_model
 from models.cdgc import cell_labels, class_adjacency, sample_nodes
+from models.inference import mean_probabilities
 
 torch.set_num_threads(2)
 
@@ -53,16 +51,18 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
 
 
 def assert_varied(name: str, features: np.ndarray | torch.Tensor) -> None:
-    """cdgc: the coarse map of projected features holds several classes, so the class
-    graphs are not trivial (any other head: nothing to check)."""
+    """For cdgc, check that the coarse map holds several classes (non-trivial graphs)."""
     if name == "cdgc":
         coarse = np.asarray(features)[:, 256:259]
         assert len(np.unique(coarse.argmax(1))) > 1
 
 
 def cdgc_head_size(c: int, d: int, m: int) -> int:
-    """Parameters of the cdgc head from its formula: reduction + BN, coarse classifier, φ and
-    φ′, one D×D graph weight per class, fusion + BN, refined classifier, aux classifier."""
+    """Parameters of the cdgc head from its formula.
+
+    Reduction + BN, coarse classifier, φ and φ′, one D×D graph weight per class, fusion +
+    BN, refined classifier, aux classifier.
+    """
     return (
         (c * d + 2 * d)
         + (d * m + m)
@@ -139,8 +139,10 @@ def _single_and_multi() -> tuple[models.SCGHead, models.MultiViewSCGHead]:
 
 
 def test_mscg_equals_its_definition_on_transposed_and_mirrored_features() -> None:
-    """Σ over F, Fᵀ and F mirrored of the single-view scg-gcn head (same weights) on that
-    view, mapped back; on a non-square map, so the transposed view has its sides swapped."""
+    """Mscg-gcn is Σ over F, Fᵀ and F mirrored of the single-view head, mapped back.
+
+    Same weights; on a non-square map, so the transposed view has its sides swapped.
+    """
     single, multi = _single_and_multi()
     features = torch.randn(2, 256, 4, 6)
     single.eval(), multi.eval()
@@ -342,8 +344,11 @@ def test_gradients_reach_every_parameter_and_a_train_step_stays_finite(name: str
 
 @pytest.mark.parametrize("name", NEW)
 def test_project_then_decode_is_the_network(name: str) -> None:
-    """What the shared engine computes (features once, the head per window, then the
-    upsampling and softmax) equals the exported graph on windows on the 16-px grid."""
+    """The shared engine's split (features once, the head per window) equals the graph.
+
+    Features once, the head per window, then the upsampling and softmax, against the
+    exported graph on windows on the 16-px grid.
+    """
     model = small(name)
     randomize_batchnorm(model)
     module = InferenceModel(model.eval(), [0.4] * 3, [0.25] * 3).eval()
@@ -357,19 +362,7 @@ def test_project_then_decode_is_the_network(name: str) -> None:
     assert_varied(name, features)
 
 
-class _TilesOnly:
-    """A PyTorch engine without row streams: the shared engine cuts tiles."""
-
-    def __init__(self, engine: TorchEngine) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str):
-        if name == "feature_stream":
-            raise AttributeError(name)
-        return getattr(self._engine, name)
-
-
-def _engine(tmp_path, name: str) -> TorchEngine:
+def _runtime(tmp_path, name: str) -> TorchRuntime:
     path = save_tiny_checkpoint(tmp_path / f"{name}.pt", window=32, seed=3, variant=name)
     ckpt = load_checkpoint(path)
     model = create_model(name, 3, 3, backbone="resnet18")
@@ -377,61 +370,18 @@ def _engine(tmp_path, name: str) -> TorchEngine:
     randomize_batchnorm(model)
     ckpt.state_dict = model.state_dict()
     save_checkpoint(ckpt, path)
-    return TorchEngine(path, "cpu")
-
-
-@pytest.mark.parametrize("name", NEW)
-def test_shared_engine_gives_the_window_engine_where_a_tile_is_a_window(tmp_path, name):
-    """Tiles exactly one window wide without halo: windows that coincide with a tile get the
-    window engine's probabilities in every flip-TTA view."""
-    engine = _engine(tmp_path, name)
-    image = np.random.default_rng(0).random((3, 40, 70), dtype=np.float32)
-
-    def read_region(rows, cols):
-        r = reflect_indices(rows[0], rows[1], 40)
-        return image[:, r][:, :, reflect_indices(cols[0], cols[1], 70)]
-
-    grid = Grid(40, 70, 32, 16, 16)
-    views = tta_views("flip")
-    shared = SharedPredictor(_TilesOnly(engine), grid, views, read_region, 4, tile=32, halo=0)
-    window = EnginePredictor(engine, 32, views, 3)
-    (top, _), (left, right) = grid.padded_rows, grid.padded_cols
-    aligned = 0
-    for r in grid.row_starts:
-        band = read_region((r, r + 32), (left, right))
-        offsets = [int(c) - left for c in grid.col_starts]
-        for o, a, b in zip(offsets, shared(band, offsets), window(band, offsets), strict=True):
-            if (r - top) % 32 == 0 and o % 32 == 0:
-                np.testing.assert_allclose(a, b, atol=2e-6)
-                aligned += 1
-    assert aligned >= 4
-
-
-def test_cdgc_features_stream_row_by_row(tmp_path) -> None:
-    """cdgc's projection (reduction with BN and ReLU, coarse classifier, φ, φ′) is per
-    position, so the row streams of the shared engine give the whole area's features."""
-    module = _engine(tmp_path, "cdgc").module
-    image = np.random.default_rng(1).random((3, 64, 96), dtype=np.float32)
-    for view in tta_views("flip"):
-        with torch.inference_mode():
-            viewed = torch.from_numpy(np.ascontiguousarray(view.apply(image)))[None]
-            expected = view.invert(module.features(viewed)[0].numpy())
-            stream = FeatureStream(module, view, 64, 96)
-            x = torch.from_numpy(image)[None].contiguous(memory_format=torch.channels_last)
-            actual = torch.cat([stream.push(x[:, :, :32]), stream.push(x[:, :, 32:], True)], 2)
-        assert expected.shape == (module.model.head.projected_channels, 4, 6) == (515, 4, 6)
-        np.testing.assert_allclose(actual[0].numpy(), expected, atol=2e-4 * np.abs(expected).max())
+    return TorchRuntime(path, "cpu")
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_onnx_export_parity(tmp_path, name: str) -> None:
-    engine = _engine(tmp_path, name)
+    runtime = _runtime(tmp_path, name)
     checkpoint = tmp_path / f"{name}.pt"
     result = export_onnx(checkpoint, tmp_path / f"{name}.onnx")
     assert result.max_abs_diff <= FP32_TOLERANCE
     assert result.split_max_abs_diff <= FP32_TOLERANCE
     assert result.class_agreement == 1.0
-    assert_varied(name, engine.features(np.random.default_rng(0).random((2, 3, 32, 32), "f4")))
+    assert_varied(name, runtime.features(np.random.default_rng(0).random((2, 3, 32, 32), "f4")))
 
 
 # --- the option route: geoseg train --model-option, [model_options], checkpoint -----------------
@@ -449,13 +399,13 @@ def test_train_model_options_reach_the_checkpoint(chips, tmp_path) -> None:
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt.model.variant == "cdgc"
     assert ckpt.model.options == {"keep": 0.75, "channels": 32, "dynamic_sampling": False}
-    assert TorchEngine(run / "best.pt", "cpu").module.model.head.channels == 32
+    assert TorchRuntime(run / "best.pt", "cpu").module.model.head.channels == 32
     saved = read_config_file(run / "config.toml")
     assert saved["model_options"] == ckpt.model.options
     assert (run / "config.toml").read_text().rstrip().endswith("dynamic_sampling = false")
 
     bad = CliRunner().invoke(cli, [*base, "--model-option", "r=0.3", "--overwrite"])
     assert bad.exit_code == 2
-    assert "model option r is unknown for cdgc; valid: channels, keep" in bad.output
+    assert "model cdgc has no option r; valid options: channels, keep" in bad.output
     bad = CliRunner().invoke(cli, [*base, *options[:2], "--model-option", "keep", "--overwrite"])
     assert bad.exit_code == 2 and "is not KEY=VALUE" in bad.output

@@ -41,8 +41,10 @@ from models import (
 )
 @json_opt
 def models(num_classes: int, bands: int, backbone: str, as_json: bool) -> None:
-    """List the model variants with their parameter counts: SCG-Net's (paper Table III),
-    mscg-gcn (MSCG-Net's three views) and cdgc (class-wise dynamic graph convolution).
+    """List the model variants with their parameter counts.
+
+    SCG-Net's (paper Table III), mscg-gcn (MSCG-Net's three views) and cdgc (class-wise
+    dynamic graph convolution).
 
     \b
     Examples:
