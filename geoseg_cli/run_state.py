@@ -99,7 +99,7 @@ def plot_history(path: Path, history: list[dict[str, float]]) -> None:
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4))
     losses, scores = fig.subplots(1, 2)
-    curves = {"train_loss": "train (with L_kl, L_dl)", "val_loss": "val (segmentation)"}
+    curves = {"train_loss": "train (with the model's terms)", "val_loss": "val (segmentation)"}
     for key, label in curves.items():
         losses.plot(epochs, [row[key] for row in history], marker="o", label=label)
     for key in ("oa", "mf1", "miou"):

@@ -116,6 +116,7 @@ class _Trainer:
             backbone=config.backbone,
             num_classes=len(self.class_names),
             in_channels=len(self.stats.input.bands),
+            options=dict(config.model_options),
         )
 
         self.train_set = ChipDataset(

@@ -237,8 +237,9 @@ def save_tiny_checkpoint(
     dtype: str = "uint8",
     window: int = 32,
     seed: int = 0,
+    variant: str = "scg-gcn",
 ) -> Path:
-    """Save an untrained SCG-Net (scg-gcn, resnet18 backbone) as a geoseg checkpoint.
+    """Save an untrained model (``variant``, resnet18 backbone) as a geoseg checkpoint.
 
     Input scaling follows ``dtype`` (1/255 for uint8, 1/10000 otherwise); classes are named
     ``class_0``… with distinct colours.
@@ -255,9 +256,9 @@ def save_tiny_checkpoint(
     from models import create_model
 
     torch.manual_seed(seed)
-    model = create_model("scg-gcn", num_classes, in_channels, backbone="resnet18")
+    model = create_model(variant, num_classes, in_channels, backbone="resnet18")
     ckpt = Checkpoint(
-        model=ModelSpec("scg-gcn", "resnet18", num_classes, in_channels),
+        model=ModelSpec(variant, "resnet18", num_classes, in_channels),
         classes=[
             ClassInfo(f"class_{i}", (40 * i % 256, 255 - 40 * i % 256, 128))
             for i in range(num_classes)
