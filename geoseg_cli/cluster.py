@@ -5,7 +5,9 @@ own windows, then streamed over the whole raster as ``geoseg predict`` streams.
    windows (stride T/2, reflect-padded past the edges) that hold enough valid pixels, and
    kept in memory (bounded by that count, not by the raster); their valid pixels give the
    per-band mean and standard deviation;
-2. **train**: :class:`models.sgseg.SGSegNet` learns, without labels, to give the same
+2. **train**: the cluster classifier of :class:`models.sgseg.SGSegNet` starts as the
+   nearest-centre rule of a k-means of the untrained network's pixel embeddings (every
+   cluster starts with pixels); the network then learns, without labels, to give the same
    cluster to a pixel in two augmented views of its window (a photometric jitter; a
    dihedral turn or flip plus another jitter): the loss is minus the mutual information of
    the two views' cluster assignments (IIC) plus the superpixel reconstruction error, both
@@ -70,6 +72,9 @@ CLASSES_SUFFIXES = (".toml", ".json")
 MIN_VALID_FRACTION = 0.5
 #: Pixel embeddings sampled for the k-means that starts the cluster classifier.
 INIT_PIXELS = 20_000
+#: Smallest target share of a cluster, times 1/K (a cluster k-means left nearly empty may
+#: still grow).
+MIN_PRIOR = 0.1
 #: Per-band gain (1 ± this) and offset (± this, in standard deviations) of the photometric
 #: jitter, and the standard deviation of the added noise.
 JITTER = 0.1
@@ -325,6 +330,8 @@ def _check_options(options: ClusterOptions) -> PredictOptions:
             raise UsageError(f"{name} {value} must be at least 1")
     if not options.lr > 0:
         raise UsageError(f"--lr {options.lr} must be positive")
+    if options.seed < 0:
+        raise UsageError(f"--seed {options.seed} must be at least 0")
     return PredictOptions(
         window=t,
         stride=options.stride,
@@ -470,11 +477,17 @@ def _init_clusters(
     masks: torch.Tensor,
     options: ClusterOptions,
     device: torch.device,
-) -> None:
+) -> torch.Tensor | None:
     """Start the classifier from k-means of the untrained network's pixel embeddings
     (:meth:`models.sgseg.SGSegNet.init_clusters`), so that every cluster starts with a
     share of the pixels and mutual-information training refines a partition rather than
-    breaking the symmetry of uniform outputs, where clusters die early."""
+    breaking the symmetry of uniform outputs, where clusters die early.
+
+    Returns:
+        The k-means cluster proportions (each at least :data:`MIN_PRIOR` / K), the
+        target cluster sizes of :func:`models.sgseg.mutual_information`; None when the
+        first batch holds fewer valid pixels than clusters (no start, equal sizes).
+    """
     rng = np.random.default_rng(options.seed + 2)
     with torch.no_grad():
         batch = standardized[: options.batch_size].to(device)
@@ -482,11 +495,14 @@ def _init_clusters(
         coarse = torch.nn.functional.avg_pool2d(masks[: len(batch), None].float(), 2)[:, 0] == 1
         pixels = embedding.permute(0, 2, 3, 1)[coarse.to(device)].cpu().numpy()
     if len(pixels) < options.clusters:
-        return
+        return None
     sample = pixels[rng.choice(len(pixels), min(len(pixels), INIT_PIXELS), replace=False)]
     centres, labels = kmeans(sample, options.clusters, rng)
     spread = float(((sample - centres[labels]) ** 2).sum(1).mean())
     model.init_clusters(torch.from_numpy(centres).float().to(device), 1 / max(spread, 1e-6))
+    shares = np.bincount(labels, minlength=options.clusters) / len(labels)
+    shares = np.maximum(shares, MIN_PRIOR / options.clusters)
+    return torch.from_numpy(shares / shares.sum()).float().to(device)
 
 
 def _train(
@@ -516,7 +532,7 @@ def _train(
     standardized = (torch.from_numpy(scaled) - mean_t) / std_t
     masks = torch.from_numpy(valid)
     n = len(standardized)
-    _init_clusters(model, standardized, masks, options, device)
+    prior = _init_clusters(model, standardized, masks, options, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
     loss_value = mi_value = float("nan")
     bar = progress(total=options.epochs * -(-n // options.batch_size), desc="training", unit="step")
@@ -533,12 +549,12 @@ def _train(
                 second = model(_dihedral(_jitter(x, generator), k, flip).to(device))
                 p1 = torch.softmax(first.logits, dim=1)
                 p2 = _undo_dihedral(torch.softmax(second.logits, dim=1), k, flip)
-                mi = mutual_information(p1, p2, mask)
+                objective, mi = mutual_information(p1, p2, mask, prior)
                 coarse = torch.nn.functional.avg_pool2d(mask[:, None].float(), 2)[:, 0] == 1
                 sp_mask = torch.stack([coarse, _dihedral(coarse, k, flip)])
                 errors = torch.stack([first.superpixel_error, second.superpixel_error])
                 sp = (errors * sp_mask).sum() / sp_mask.sum().clamp_min(1)
-                loss = -mi + options.superpixel_weight * sp
+                loss = -objective + options.superpixel_weight * sp
                 if not math.isfinite(loss.item()):
                     raise GeosegError(
                         f"the clustering loss became {loss.item()} in epoch {epoch + 1}; "

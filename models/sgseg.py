@@ -14,11 +14,15 @@ Superpixels and Graph Neural Networks" (2022), implemented from the description:
    node embeddings), symmetrised; a few residual GCN blocks (:mod:`models.gnn`) mix the
    nodes, so that distant superpixels of one window exchange information.
 5. The node embeddings are projected back onto the pixels through the assignment,
-   concatenated with the pixel features, and a 1×1 convolutional head gives K cluster logits.
+   concatenated with the pixel features and mixed by a 1×1 convolution into pixel
+   embeddings; a 1×1 convolution gives K cluster logits, upsampled bilinearly from the
+   working resolution (1/2 of the input) to the input size.
 
 Training maximises the mutual information between the cluster assignments of two views of
 the same window (:func:`mutual_information`, IIC) and keeps superpixels compact and
-colour-coherent with a reconstruction loss (:attr:`ClusterOutput.superpixel_error`).
+colour-coherent with a reconstruction loss (:attr:`ClusterOutput.superpixel_error`). The
+classifier can start as a nearest-centre rule (:meth:`SGSegNet.init_clusters`), e.g. from
+k-means of the untrained embeddings, so that no cluster starts (and stays) empty.
 """
 
 from __future__ import annotations
@@ -189,7 +193,7 @@ class SGSegNet(nn.Module):
     Args:
         in_channels: Input bands C.
         num_clusters: Clusters K.
-        cell: Superpixel seed cell side in pixels (:func:`cell_size`).
+        cell: Superpixel seed cell side in working-resolution pixels (:func:`cell_size`).
         width: CNN feature channels D.
         hidden: Node embedding size.
         gnn_layers: Residual GCN blocks.
@@ -199,7 +203,7 @@ class SGSegNet(nn.Module):
 
     In eval mode ``forward`` returns the logits (B×K×H×W); in training mode a
     :class:`ClusterOutput`. Inputs are standardized bands of any size; they are padded
-    (replicating the edges) to a multiple of ``cell`` inside and the outputs cropped.
+    (replicating the edges) to a multiple of 2·``cell`` inside and the outputs cropped.
     """
 
     def __init__(
@@ -300,27 +304,40 @@ class SGSegNet(nn.Module):
         return grid.unsqueeze(0)
 
 
-def mutual_information(p1: torch.Tensor, p2: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mutual information of the cluster assignments of two views (IIC, Ji et al. 2019).
+def mutual_information(
+    p1: torch.Tensor, p2: torch.Tensor, valid: torch.Tensor, prior: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual information of the cluster assignments of two views (IIC, Ji et al. 2019),
+    and the training objective built on it.
 
-    The joint distribution of the two assignments is the mean over valid pixels of the
+    The joint distribution J of the two assignments is the mean over valid pixels of the
     outer products of their cluster probabilities, symmetrised; its mutual information is
-    ``Σ J_ij · log(J_ij / (J_i· · J_·j))``, at most log K, reached when the two views
-    agree and all K clusters are used equally. Maximising it rewards consistent, confident
-    assignments while the marginal entropy term keeps every cluster in use.
+    ``Σ J_ij · log(J_ij / (J_i· · J_·j))`` = H(Z) − H(Z | Z'), at most log K, reached when
+    the two views agree and all K clusters are used equally.
+
+    IIC maximises the mutual information itself, whose H(Z) term pulls towards clusters
+    of equal size. With a ``prior`` π the objective is ``MI + Σ_i P_i · log π_i`` =
+    −H(Z | Z') − KL(P ‖ π) (P the marginal of J): agreement between the views, with
+    cluster sizes pulled towards π instead of towards equal sizes (land cover is rarely
+    balanced); for a uniform π it is the mutual information minus log K.
 
     Args:
         p1: B×K×H×W probabilities of the first view.
         p2: B×K×H×W probabilities of the second view, aligned with the first.
         valid: B×H×W bool, pixels that count.
+        prior: Optional K target cluster proportions (positive, summing to 1).
 
     Returns:
-        The mutual information (a scalar, in nats).
+        (the objective to maximise, the mutual information), scalars in nats.
     """
     k = p1.shape[1]
     weight = valid.to(p1.dtype).unsqueeze(1)
     joint = torch.einsum("bkhw,blhw->kl", p1 * weight, p2) / weight.sum().clamp_min(1)
     joint = ((joint + joint.T) / 2).clamp_min(JOINT_EPS)
-    rows = joint.sum(dim=1, keepdim=True).expand(k, k)
-    cols = joint.sum(dim=0, keepdim=True).expand(k, k)
-    return (joint * (joint.log() - rows.log() - cols.log())).sum()
+    marginal = joint.sum(dim=1)
+    rows = marginal.view(k, 1).expand(k, k)
+    cols = marginal.view(1, k).expand(k, k)
+    mi = (joint * (joint.log() - rows.log() - cols.log())).sum()
+    if prior is None:
+        return mi, mi
+    return mi + (marginal * prior.log()).sum(), mi

@@ -18,6 +18,7 @@ from geoseg_cli.cluster import (
     cluster_classes,
     cluster_colors,
     cluster_raster,
+    kmeans,
     write_classes_file,
 )
 from geoseg_cli.errors import InputError, OutputError, UsageError
@@ -108,6 +109,28 @@ def test_network_output_is_batch_independent_and_cropped():
     out = net.train()(x)
     assert out.superpixel_error.shape == (3, 15, 19)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.superpixel_error).all()
+
+
+def test_init_clusters_makes_the_classifier_a_nearest_centre_rule():
+    torch.manual_seed(2)
+    net = SGSegNet(3, 4, cell=2, width=8).eval()
+    centres = torch.randn(4, 8)
+    net.init_clusters(centres, temperature=3.0)
+    embeddings = torch.randn(50, 8)
+    logits = net.classify(embeddings[:, :, None, None])[:, :, 0, 0]
+    nearest = torch.cdist(embeddings, centres).argmin(1)
+    assert torch.equal(logits.argmax(1), nearest)
+    # the logits are −τ‖e − c‖² up to a per-pixel constant
+    gap = logits + 3.0 * torch.cdist(embeddings, centres) ** 2
+    assert torch.allclose(gap - gap[:, :1], torch.zeros_like(gap), atol=1e-3)
+
+
+def test_kmeans_finds_separated_blobs():
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(c, 0.1, (40, 2)) for c in ((0, 0), (5, 5), (0, 5))])
+    centres, labels = kmeans(blobs, 3, np.random.default_rng(1))
+    assert sorted(np.bincount(labels).tolist()) == [40, 40, 40]
+    assert sorted(np.round(centres).astype(int).tolist()) == [[0, 0], [0, 5], [5, 5]]
 
 
 # --- geoseg cluster --------------------------------------------------------------------------

@@ -82,7 +82,7 @@ _DEFAULTS = ClusterOptions()
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=_DEFAULTS.seed,
     show_default=True,
     help="Seed of the window draw, the initial weights and the augmentations (the same "
