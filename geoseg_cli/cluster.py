@@ -9,9 +9,11 @@ own windows, then streamed over the whole raster as ``geoseg predict`` streams.
    nearest-centre rule of a k-means of the untrained network's pixel embeddings (every
    cluster starts with pixels); the network then learns, without labels, to give the same
    cluster to a pixel in two augmented views of its window (a photometric jitter; a
-   dihedral turn or flip plus another jitter): the loss is minus the mutual information of
-   the two views' cluster assignments (IIC) plus the superpixel reconstruction error, both
-   over valid pixels only;
+   dihedral turn or flip plus another jitter). The loss is minus the mutual information of
+   the two views' cluster assignments (IIC), with its pull towards equal cluster sizes
+   replaced by a pull towards the k-means proportions
+   (:func:`models.sgseg.mutual_information` with a prior), plus the superpixel
+   reconstruction error, all over valid pixels only;
 3. **predict**: the trained network runs through :func:`geoseg_cli.predict.predict_raster`
    as an engine (row bands of windows, blended soft cluster probabilities, memory
    independent of the raster height, nodata kept as 255, the input's grid, a colour table

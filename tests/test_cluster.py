@@ -83,18 +83,30 @@ def test_knn_graph_is_symmetric_without_self_loops():
     assert (a.sum(-1) >= 3).all() and set(a.unique().tolist()) == {0.0, 1.0}
 
 
-def test_mutual_information_bounds():
+def test_mutual_information_bounds_and_the_prior():
     labels = torch.arange(4).repeat_interleave(16).view(1, 8, 8)
     one_hot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
     valid = torch.ones(1, 8, 8, dtype=torch.bool)
-    assert mutual_information(one_hot, one_hot, valid).item() == pytest.approx(
-        math.log(4), rel=1e-5
-    )
+    objective, mi = mutual_information(one_hot, one_hot, valid)
+    assert mi.item() == pytest.approx(math.log(4), rel=1e-5) and objective.item() == mi.item()
     uniform = torch.full_like(one_hot, 0.25)
-    assert mutual_information(one_hot, uniform, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert mutual_information(one_hot, uniform, valid)[1].item() == pytest.approx(0.0, abs=1e-6)
     # invalid pixels do not count: only cluster 0 is left, no information
     only_first = valid & (labels == 0)
-    assert mutual_information(one_hot, one_hot, only_first).item() == pytest.approx(0.0, abs=1e-5)
+    assert mutual_information(one_hot, one_hot, only_first)[1].item() == pytest.approx(
+        0.0, abs=1e-5
+    )
+    # a uniform prior subtracts log K; the true sizes as prior leave −H(Z|Z') = 0
+    flat = torch.full((4,), 0.25)
+    objective, mi = mutual_information(one_hot, one_hot, valid, flat)
+    assert objective.item() == pytest.approx(mi.item() - math.log(4), abs=1e-5)
+    skewed = torch.nn.functional.one_hot((labels > 0).long(), 4).permute(0, 3, 1, 2).float()
+    sizes = torch.tensor([0.25, 0.75, 1e-9, 1e-9])
+    objective, mi = mutual_information(skewed, skewed, valid, sizes)
+    assert objective.item() == pytest.approx(0.0, abs=1e-4)
+    assert mi.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-4)
+    # under a skewed prior, the skewed partition beats the balanced one
+    assert objective.item() > mutual_information(one_hot, one_hot, valid, sizes)[0].item()
 
 
 def test_network_output_is_batch_independent_and_cropped():
