@@ -132,7 +132,7 @@ class MatchedMetrics(Metrics):
 
     def to_table(self) -> str:
         """The table of :meth:`Metrics.to_table` after the cluster → class lines."""
-        width = max(len(name) for name in self.clusters)
+        width = max((len(name) for name in self.clusters), default=0)
         lines = [f"{self.method} matching (unmatched clusters count as errors):"]
         for name, c, n in zip(
             self.clusters, self.cluster_classes, self.cluster_pixels, strict=True
