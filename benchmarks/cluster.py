@@ -38,7 +38,8 @@ import rasterio
 import torch
 
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.cluster import ClusterOptions, cluster_raster, kmeans
+from geoseg_cli.cluster import ClusterOptions, cluster_raster
+from geoseg_cli.cluster_train import kmeans
 from geoseg_cli.demo import write_scene
 from geoseg_cli.evaluate import evaluate
 from geoseg_cli.raster import output_profile, read_masked

@@ -48,9 +48,11 @@ JOINT_EPS = 1e-8
 
 
 def cell_size(window: int, superpixels: int) -> int:
-    """Side of the superpixel seed cells, in pixels of the working resolution (1/
-    :data:`STRIDE` of the input): about ``superpixels`` cells per ``window``-sized window,
-    at least 2 working pixels."""
+    """Side of the superpixel seed cells, in pixels of the working resolution.
+
+    About ``superpixels`` cells per ``window``-sized window, at least 2 working pixels
+    (1/:data:`STRIDE` of the input's) a side.
+    """
     return max(2, round(window / STRIDE / math.sqrt(superpixels)))
 
 
@@ -86,8 +88,11 @@ def _conv(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1)
 
 
 class PixelEncoder(nn.Module):
-    """A small U-shaped CNN: a stride-2 stem, features at 1/2 and 1/4 resolution, fused at
-    1/2 resolution (``width`` channels out), the network's working resolution."""
+    """A small U-shaped CNN: features at 1/2 and 1/4 resolution, fused at 1/2.
+
+    A stride-2 stem, a stride-2 stage, and a 1×1 fusion at the network's working
+    resolution (1/2) with ``width`` channels out.
+    """
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
@@ -96,6 +101,7 @@ class PixelEncoder(nn.Module):
         self.fuse = _conv(3 * width, width, kernel=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features B×width×H/2×W/2 of B×C×H×W input (H, W even)."""
         half = self.stem(x)
         quarter = self.down(half)
         up = F.interpolate(quarter, size=half.shape[-2:], mode="bilinear", align_corners=False)
@@ -112,8 +118,10 @@ def _candidate_mask(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 def _neighbour_cells(cells: torch.Tensor) -> torch.Tensor:
-    """B×D×rows×cols → B×9×D×rows×cols: the value of cell (r + dy, c + dx) at (r, c) for
-    each offset of :data:`OFFSETS` (zero past the grid)."""
+    """B×D×rows×cols → B×9×D×rows×cols: cell (r + dy, c + dx)'s value at (r, c).
+
+    One slice per offset of :data:`OFFSETS`, zero past the grid.
+    """
     rows, cols = cells.shape[-2:]
     padded = F.pad(cells, (1, 1, 1, 1))
     return torch.stack(
@@ -230,6 +238,7 @@ class SGSegNet(nn.Module):
         self.classify = nn.Conv2d(width, num_clusters, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | ClusterOutput:
+        """Cluster logits of standardized input (eval); with the superpixel error (train)."""
         h, w = x.shape[-2:]
         parts = self._encode(x)
         logits = F.interpolate(
@@ -248,14 +257,18 @@ class SGSegNet(nn.Module):
         return ClusterOutput(logits, error[:, : -(-h // STRIDE), : -(-w // STRIDE)])
 
     def embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        """What the cluster classifier sees: B×D×⌈H/2⌉×⌈W/2⌉ pixel embeddings at the
-        working resolution (superpixel graph features projected back, with the CNN's)."""
+        """What the cluster classifier sees: B×D×⌈H/2⌉×⌈W/2⌉ pixel embeddings.
+
+        At the working resolution: superpixel graph features projected back, mixed with the
+        CNN's.
+        """
         h, w = x.shape[-2:]
         return self._encode(x).embedding[:, :, : -(-h // STRIDE), : -(-w // STRIDE)]
 
     def init_clusters(self, centres: torch.Tensor, temperature: float) -> None:
-        """Make the classifier a nearest-centre rule: logit_k(e) = −τ·‖e − c_k‖² up to a
-        term common to all clusters, i.e. weights 2τ·c_k and biases −τ·‖c_k‖².
+        """Make the classifier a nearest-centre rule: logit_k(e) = −τ·‖e − c_k‖² + const.
+
+        The constant is common to all clusters: weights 2τ·c_k and biases −τ·‖c_k‖².
 
         Args:
             centres: K×D cluster centres in embedding space (e.g. k-means of
@@ -307,8 +320,9 @@ class SGSegNet(nn.Module):
 def mutual_information(
     p1: torch.Tensor, p2: torch.Tensor, valid: torch.Tensor, prior: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mutual information of the cluster assignments of two views (IIC, Ji et al. 2019),
-    and the training objective built on it.
+    """Mutual information of two views' cluster assignments (IIC), and an objective on it.
+
+    IIC is Ji, Henriques and Vedaldi, "Invariant Information Clustering" (ICCV 2019).
 
     The joint distribution J of the two assignments is the mean over valid pixels of the
     outer products of their cluster probabilities, symmetrised; its mutual information is

@@ -12,17 +12,16 @@ import torch
 from click.testing import CliRunner
 from conftest import UTM_CRS, UTM_TRANSFORM, synthetic_scene, write_raster
 
+from geoseg_cli.classes import ClassInfo, ClassTable, load_classes, write_classes_file
 from geoseg_cli.cli import cli
 from geoseg_cli.cluster import (
     ClusterOptions,
     cluster_classes,
     cluster_colors,
     cluster_raster,
-    kmeans,
-    write_classes_file,
 )
+from geoseg_cli.cluster_train import kmeans
 from geoseg_cli.errors import InputError, OutputError, UsageError
-from geoseg_cli.labels import load_classes
 from models.sgseg import (
     SGSegNet,
     cell_size,
@@ -38,8 +37,7 @@ TINY = {"window": 32, "superpixels": 16, "epochs": 1, "train_windows": 4, "batch
 
 @pytest.fixture
 def image(tmp_path):
-    """A 3-band uint8 UTM scene, 45×70 px (not multiples of the window), nodata 0 in a
-    corner."""
+    """A 3-band uint8 UTM scene, 45×70 px (not multiples of the window), nodata 0 in a corner."""
     data, _ = synthetic_scene(45, 70, seed=5)
     data[:, :9, :13] = 0
     return write_raster(tmp_path / "scene.tif", data, nodata=0)
@@ -185,13 +183,21 @@ def test_classes_out_round_trips_through_the_classes_loader(image, tmp_path):
     result = cluster_raster(image, tmp_path / "clusters.tif", options)
     assert result.classes_out == classes_out
     _, _, colormap, _ = _read(result.output)
-    as_json = write_classes_file(tmp_path / "classes.json", cluster_classes(3), 255)
+    as_json = write_classes_file(tmp_path / "classes.json", ClassTable(cluster_classes(3)))
     for path in (classes_out, as_json):
         table = load_classes(path)
         assert table.names == ["cluster_0", "cluster_1", "cluster_2"]
         assert [c.color for c in table.classes] == [colormap[i][:3] for i in range(3)]
         assert [c.value for c in table.classes] == [0, 1, 2] and table.ignore_index == 255
         assert table.map_values(np.array([0, 2, 255])).tolist() == [0, 2, 255]
+    # raw label values, quotes in names and another ignore index survive the round trip
+    valued = ClassTable([ClassInfo('say "hi"', (1, 2, 3), 10), ClassInfo("b", (4, 5, 6), 20)], 7)
+    for suffix in (".toml", ".json"):
+        path = write_classes_file(tmp_path / f"valued{suffix}", valued, ["a comment"])
+        back = load_classes(path)
+        assert back.classes == valued.classes and back.ignore_index == 7
+        assert back.map_values(np.array([20, 10, 7])).tolist() == [1, 0, 7]
+    assert (tmp_path / "valued.toml").read_text().startswith("# a comment\nignore_index = 7\n")
 
 
 def test_a_raster_smaller_than_the_window_and_an_explicit_nodata(tmp_path):
@@ -211,8 +217,8 @@ def test_bad_input_and_options_are_refused_before_training(image, tmp_path):
         cluster_raster(blank, tmp_path / "out.tif", ClusterOptions(**TINY))
     with pytest.raises(UsageError, match="--superpixels 999"):
         cluster_raster(image, tmp_path / "out.tif", ClusterOptions(**{**TINY, "superpixels": 999}))
-    with pytest.raises(UsageError, match="multiple of 16"):
-        cluster_raster(image, tmp_path / "out.tif", ClusterOptions(**{**TINY, "window": 40}))
+    with pytest.raises(UsageError, match="multiple of 2"):
+        cluster_raster(image, tmp_path / "out.tif", ClusterOptions(**{**TINY, "window": 41}))
     with pytest.raises(UsageError, match=r"\.toml or \.json"):
         cluster_raster(image, tmp_path / "out.tif", ClusterOptions(classes_out=tmp_path / "c.txt"))
     (tmp_path / "taken.tif").write_bytes(b"")

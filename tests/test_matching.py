@@ -52,8 +52,10 @@ def test_match_clusters_maximises_matched_pixels():
 
 @pytest.fixture
 def permuted(tmp_path):
-    """Labels with 3 classes and a cluster map that is the same partition under the ids
-    0 → 2, 1 → 0, 2 → 1 (nodata 255 in the corner)."""
+    """Labels with 3 classes and a cluster map of the same partition, ids permuted.
+
+    The ids map 0 → 2, 1 → 0, 2 → 1; nodata 255 in the corner.
+    """
     rng = np.random.default_rng(0)
     labels = np.kron(rng.integers(0, 3, (6, 7)), np.ones((5, 5), dtype=np.int64))[:29, :33]
     clusters = np.array([2, 0, 1])[labels].astype(np.uint8)

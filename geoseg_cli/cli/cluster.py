@@ -15,7 +15,7 @@ from geoseg_cli.cli.options import (
     json_opt,
     overwrite_opt,
 )
-from geoseg_cli.cluster import ClusterOptions
+from geoseg_cli.cluster import MIN_WINDOW, ClusterOptions
 
 _DEFAULTS = ClusterOptions()
 
@@ -52,10 +52,10 @@ _DEFAULTS = ClusterOptions()
 )
 @click.option(
     "--window",
-    type=click.IntRange(min=32),
+    type=click.IntRange(min=MIN_WINDOW),
     default=_DEFAULTS.window,
     show_default=True,
-    help="Window size in pixels (a multiple of 16), for training and prediction.",
+    help="Window size in pixels (even), for training and prediction.",
 )
 @click.option(
     "--stride",
@@ -126,9 +126,9 @@ def cluster(
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Cluster a scene into K spatially coherent segments without labels; print the paths
-    written (with --json, one JSON object).
+    """Cluster a scene into K spatially coherent segments without labels.
 
+    Prints the paths written (with --json, one JSON object).
     The network (after SGSeg, Eliasof et al. 2022: neural superpixels, a graph neural
     network over them, mutual-information maximisation) trains on random windows of
     INPUT itself: it learns to give each pixel the same cluster in two augmented views of

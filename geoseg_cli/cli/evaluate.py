@@ -10,6 +10,7 @@ import click
 from geoseg_cli.cli.options import class_field_opt, class_value_opt, json_opt
 from geoseg_cli.evaluate import evaluate as run_evaluation
 from geoseg_cli.evaluate import resolve_classes
+from geoseg_cli.matching import MATCH_METHODS
 
 
 @click.command()
@@ -47,7 +48,7 @@ from geoseg_cli.evaluate import resolve_classes
 )
 @click.option(
     "--match",
-    type=click.Choice(["hungarian"]),
+    type=click.Choice(MATCH_METHODS),
     default=None,
     help="PRED is a cluster map (geoseg cluster): match each cluster to at most one class "
     "(Hungarian assignment, most matched pixels) before scoring; unmatched clusters count "
