@@ -22,6 +22,7 @@ COMMANDS = {
     "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
     "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
     "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
+    "cluster": ("geoseg_cli.cli.cluster:cluster", "Cluster a scene without labels (SGSeg)."),
     "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),
     "evaluate": ("geoseg_cli.cli.evaluate:evaluate", "Score a class map against labels."),
     "info": ("geoseg_cli.cli.info:info", "Show what a checkpoint or ONNX model contains."),
