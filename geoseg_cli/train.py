@@ -449,16 +449,14 @@ def train(
 ) -> TrainResult:
     """Train a model on a chips folder; resumable, distributed under ``torchrun``.
 
-    Reads a ``geoseg tile`` folder and writes into the run folder, from the first epoch
-    on, ``config.toml`` (the resolved configuration), ``metrics.csv`` (one row per epoch),
-    ``best.pt`` (best validation score), ``last.pt`` (full training state) and
-    ``curves.png`` (with matplotlib); a run stopped before its first epoch leaves nothing.
-    ``resume`` restores the model, optimizer, LR scheduler, gradient scaler and every rank's
-    RNG states from ``last.pt``; the chip order comes from a sampler seeded by (seed, epoch)
-    and augmentations from generators seeded by (seed, epoch, chip), so epoch N+1 after a
-    resume is the epoch N+1 of an uninterrupted run. Under ``torchrun`` the model is wrapped
-    in DistributedDataParallel (NCCL on CUDA, gloo on CPU), training and validation chips
-    are sharded, ``batch_size`` is per process, and only rank 0 logs and writes.
+    Reads a ``geoseg tile`` folder; from the first epoch on, writes ``config.toml``,
+    ``metrics.csv``, ``best.pt``, ``last.pt`` and ``curves.png`` into the run folder (a run
+    stopped before its first epoch leaves nothing). ``resume`` restores the model, optimizer,
+    scheduler, gradient scaler and every rank's RNG states from ``last.pt``; chip order and
+    augmentations are seeded by (seed, epoch[, chip]), so epoch N+1 after a resume is the
+    epoch N+1 of an uninterrupted run. Under ``torchrun`` the model is wrapped in
+    DistributedDataParallel (NCCL on CUDA, gloo on CPU), chips are sharded, ``batch_size``
+    is per process, and only rank 0 logs and writes.
 
     Args:
         config: The run (see :class:`TrainConfig`); ``config.output`` is the run folder.
