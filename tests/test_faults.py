@@ -20,12 +20,11 @@ from rasterio.errors import RasterioIOError
 from geoseg_cli.cli import cli
 from geoseg_cli.faults import temp_prefix
 from geoseg_cli.raster import atomic_output
-from tests.conftest import synthetic_scene, write_raster
+from tests.conftest import TINY_TRAIN, synthetic_scene, write_raster
 
 torch.set_num_threads(2)
 
 Usage = namedtuple("Usage", "total used free")
-TINY_TRAIN = ["--backbone", "resnet18", "--window", "32", "--workers", "0", "--device", "cpu"]
 
 
 def run(*args: object):

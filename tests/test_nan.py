@@ -16,7 +16,7 @@ from geoseg_cli.cli import cli
 from geoseg_cli.data import ChipDataset
 from geoseg_cli.export.onnx import export_onnx
 from geoseg_cli.tiling import tile
-from tests.conftest import coarse_scene, save_tiny_checkpoint, write_raster
+from tests.conftest import TINY_TRAIN, coarse_scene, save_tiny_checkpoint, write_raster
 
 torch.set_num_threads(2)
 
@@ -147,23 +147,7 @@ def test_training_on_nan_chips_keeps_a_finite_loss(nan_chips, tmp_path):
     chips, _, _ = nan_chips
     run_dir = tmp_path / "run"
     result = run(
-        "-q",
-        "train",
-        chips,
-        "-o",
-        run_dir,
-        "--backbone",
-        "resnet18",
-        "--window",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
+        "-q", "train", chips, "-o", run_dir, *TINY_TRAIN, "--epochs", "1", "--batch-size", "4"
     )
     assert result.exit_code == 0, result.output
     with open(run_dir / "metrics.csv") as f:
@@ -180,24 +164,7 @@ def test_chip_values_that_standardize_to_inf_are_named(nan_chips, tmp_path):
         data[:, 5, 5] = 3e38  # a fill value nobody declared as nodata
         dst.write(data)
     run_dir = tmp_path / "run"
-    result = run(
-        "train",
-        chips,
-        "-o",
-        run_dir,
-        "--backbone",
-        "resnet18",
-        "--window",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-    )
+    result = run("train", chips, "-o", run_dir, *TINY_TRAIN, "--epochs", "1", "--batch-size", "4")
     assert result.exit_code == 1
     message = result.output.strip().splitlines()[-1]
     assert f"chip(s) {bad.chip_id} hold values that are not finite once standardized" in message
