@@ -121,7 +121,8 @@ class ChipDataset(Dataset):
                 f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
                 f"outside the {num_classes} classes; re-run geoseg tile"
             )
-        image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
+        with np.errstate(over="ignore"):  # train names chips whose values overflow
+            image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
         if raw.dtype.kind == "f":  # NaN and ±inf are nodata: 0 after standardization, ignored
             bad = ~np.isfinite(raw)
             if bad.any():
