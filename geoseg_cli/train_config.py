@@ -61,7 +61,8 @@ class TrainConfig:
         poly_power: Power of the polynomial decay over all steps.
         lr_step_epochs: Multiply the learning rate by ``lr_step_gamma`` every so many epochs.
         lr_step_gamma: That factor.
-        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted) or ``dice+ce``.
+        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted), ``dice+ce`` or
+            ``partial`` (sparse labels: CE on labelled pixels + entropy + smoothness).
         flips: Random horizontal and vertical flips (p = 0.5 each).
         rot90: Random rotations by multiples of 90°.
         best_metric: Validation score that selects ``best.pt``: miou, mf1 or oa.

@@ -21,6 +21,10 @@ log = logging.getLogger("geoseg_cli")
 COMMANDS = {
     "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
     "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
+    "pseudolabel": (
+        "geoseg_cli.cli.pseudolabel:pseudolabel",
+        "Complete sparse label chips by graph propagation.",
+    ),
     "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
     "cluster": ("geoseg_cli.cli.cluster:cluster", "Cluster a scene without labels (SGSeg)."),
     "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),
