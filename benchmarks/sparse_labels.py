@@ -35,7 +35,6 @@ Usage: python benchmarks/sparse_labels.py [--scenes demo spacenet] [--epochs 80]
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -51,14 +50,15 @@ from rasterio.features import shapes
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from geoseg_cli.demo import DEMO_CLASSES, IGNORE_INDEX, write_scene
-from geoseg_cli.engine import load_engine
+from geoseg_cli.chips import read_manifest
+from geoseg_cli.demo import DEMO_CLASSES, IGNORE_INDEX, write_classes, write_scene
 from geoseg_cli.evaluate import evaluate
+from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
 from geoseg_cli.metrics import ConfusionMatrix
-from geoseg_cli.predict import PredictOptions, predict_raster
 from geoseg_cli.pseudolabel import PseudolabelConfig, pseudolabel
 from geoseg_cli.tiling import tile
-from geoseg_cli.train import TrainConfig, train
+from geoseg_cli.train import train
+from geoseg_cli.train_config import TrainConfig
 
 SPACENET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "spacenet"
 #: Pixels of a region per simulated point.
@@ -96,15 +96,7 @@ def _write_crop(src_path: Path, window: Window, target: Path) -> Path:
 def prepare_demo(folder: Path, size: int) -> dict:
     train_image, train_labels = write_scene(folder, "train", size, 1)
     test_image, test_labels = write_scene(folder, "heldout", size, 2)
-    classes = folder / "classes.json"
-    classes.write_text(
-        json.dumps(
-            {
-                "ignore_index": IGNORE_INDEX,
-                "classes": [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES],
-            }
-        )
-    )
+    classes = write_classes(folder)
     return {
         "image": train_image,
         "labels": train_labels,
@@ -232,18 +224,18 @@ def simulate(scene: dict, variant: str, target: Path, seed: int = 0) -> Path:
 
 
 def pseudo_scores(pseudo: Path, dense: Path, names: list[str]) -> tuple[float, float]:
-    """mIoU of pseudo-label chips against the dense chips of the same ids (on the pixels
-    the pseudo-labels label), and the share of valid pixels they label."""
-    with open(dense / "manifest.csv", newline="") as f:
-        dense_rows = {r["chip_id"]: r for r in csv.DictReader(f)}
-    with open(pseudo / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    """Pseudo-label quality: mIoU against the dense chips of the same ids, and coverage.
+
+    The mIoU counts the pixels the pseudo-labels label; the coverage is their share of the
+    dense chips' labelled pixels.
+    """
+    dense_records = {r.chip_id: r for r in read_manifest(dense)}
     matrix = ConfusionMatrix(len(names), IGNORE_INDEX)
     labelled = valid = 0
-    for row in rows:
+    for record in read_manifest(pseudo):
         with (
-            rasterio.open(pseudo / row["label"]) as a,
-            rasterio.open(dense / dense_rows[row["chip_id"]]["label"]) as b,
+            rasterio.open(record.label(pseudo)) as a,
+            rasterio.open(dense_records[record.chip_id].label(dense)) as b,
         ):
             p, d = a.read(1), b.read(1)
         scored = (p != IGNORE_INDEX) & (d != IGNORE_INDEX)
@@ -254,7 +246,7 @@ def pseudo_scores(pseudo: Path, dense: Path, names: list[str]) -> tuple[float, f
 
 
 def heldout_miou(run: Path, scene: dict, out: Path) -> float:
-    engine = load_engine(run / "best.pt", "cpu")
+    engine = load_runtime(run / "best.pt", "cpu")
     prediction = out / f"{run.name}_heldout.tif"
     predict_raster(engine, scene["heldout_image"], prediction, PredictOptions(overwrite=True))
     metrics = evaluate(prediction, scene["heldout_labels"], classes=scene["names"])

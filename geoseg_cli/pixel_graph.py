@@ -1,13 +1,4 @@
-"""Sparse graphs over a grid of pixel cells: 8-neighbour edges plus top-k affinity edges.
-
-Nodes are the cells of an h×w grid, each with a feature vector f already divided by its
-affinity scale (colour / σ_c, position / σ_xy, ...), so that the affinity of two nodes is
-the Gaussian exp(−‖f_i − f_j‖² / 2). Edges: the 8 grid neighbours of every node, and its k
-highest-affinity nodes among the candidates of a dilated search window around it (the 8
-neighbours excluded), both ways. The graph holds at most (8 + 2k)·N edges, and building it
-holds O(N·F + N·k) memory plus one band of candidate distances of bounded size: never a
-dense N×N matrix.
-"""
+"""Sparse graphs over a grid of pixel cells: 8-neighbour edges plus top-k affinity edges."""
 
 from __future__ import annotations
 
@@ -63,7 +54,15 @@ def build_graph(
     radius: int = SEARCH_RADIUS,
     dilation: int = SEARCH_DILATION,
 ) -> PixelGraph:
-    """The sparse graph of an h×w×F grid of scaled node features (see the module docstring).
+    """The sparse graph of an h×w×F grid of scaled node features.
+
+    Nodes are the cells of an h×w grid, each with a feature vector f already divided by its
+    affinity scale (colour / σ_c, position / σ_xy, ...), so that the affinity of two nodes is
+    the Gaussian exp(−‖f_i − f_j‖² / 2). Edges: the 8 grid neighbours of every node, and its k
+    highest-affinity nodes among the candidates of a dilated search window around it (the 8
+    neighbours excluded), both ways. The graph holds at most (8 + 2k)·N edges, and building it
+    holds O(N·F + N·k) memory plus one band of candidate distances of bounded size: never a
+    dense N×N matrix.
 
     Args:
         features: h×w×F features, divided by their affinity scales.

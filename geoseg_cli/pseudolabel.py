@@ -1,28 +1,4 @@
-"""``geoseg pseudolabel``: complete sparse label chips by graph propagation (after WSGCN).
-
-For every chip of a ``geoseg tile`` folder (typically ``--sparse``):
-
-1. Nodes are cells of ``reduction``×``reduction`` pixels. Node features: the mean and the
-   standard deviation (texture) of the chip's bands in the cell, scaled and standardized
-   as stats.json says; the cell's position; and, with ``model``, the checkpoint's backbone
-   features (its trunk, on the chip standardized as the checkpoint says), L2-normalized and
-   resampled to the cells.
-2. A sparse graph (:mod:`geoseg_cli.pixel_graph`): 8 grid neighbours plus the top-k
-   affinities in a dilated window; affinities are Gaussian over colour (the band means),
-   position and backbone features.
-3. Seeds: a cell holding labelled pixels takes their most frequent class.
-4. A 2-layer GCN is trained on the chip (:func:`models.wsgcn.propagate`): cross-entropy on
-   the seeded cells, entropy on the others, Laplacian smoothness over the affinities.
-5. Its probabilities are upsampled bilinearly to the chip; pixels whose top probability is
-   below ``confidence`` stay the ignore index; every seed pixel keeps its label; nodata
-   pixels stay ignore.
-
-The output folder is an ordinary ``geoseg tile`` folder: the same image chips, new label
-chips, manifest.csv with the new class counts, stats.json with the new class counts and
-weights, ``sparse`` false, the new ``coverage`` and a ``pseudolabel`` record (source folder,
-settings, seed coverage, skipped chips). Band statistics are kept from the source folder.
-Chips without a labelled pixel are left out and counted.
-"""
+"""``geoseg pseudolabel``: complete sparse label chips by graph propagation (after WSGCN)."""
 
 from __future__ import annotations
 
@@ -51,11 +27,12 @@ from geoseg_cli.chips import (
     read_manifest,
     write_chips_index,
 )
+from geoseg_cli.data import read_chip
 from geoseg_cli.distributed import resolve_device
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.pixel_graph import KNN, build_graph
 from geoseg_cli.progress import progress
-from geoseg_cli.raster import atomic_output, read_masked
+from geoseg_cli.raster import atomic_output
 from models import OUTPUT_STRIDE
 from models.partial import SIGMA_COLOR
 from models.wsgcn import GraphBatch, PropagationConfig, propagate
@@ -232,28 +209,6 @@ def _node_features(
     )
 
 
-def _read_chip(record: ChipRecord, chips_dir: Path, stats: ChipStats) -> _Chip:
-    image_path, label_path = record.image(chips_dir), record.label(chips_dir)
-    try:
-        with rasterio.open(image_path) as src:
-            data, valid = read_masked(src)
-        with rasterio.open(label_path) as src:
-            labels = src.read(1)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(
-            f"chip {record.chip_id}: {str(exc).splitlines()[0]}; re-run geoseg tile"
-        ) from exc
-    if labels.shape != valid.shape or data.shape[0] != len(stats.input.bands):
-        raise InputError(f"{image_path}: size or bands differ from stats.json; re-run tile")
-    bad = (labels >= len(stats.classes)) & (labels != stats.ignore_index)
-    if bad.any():
-        raise InputError(
-            f"{label_path}: label values {np.unique(labels[bad])[:5].tolist()} are outside "
-            f"the {len(stats.classes)} classes; re-run geoseg tile"
-        )
-    return _Chip(record, data.astype(np.float32), valid, labels)
-
-
 def _generator(seed: int, chip_id: str) -> torch.Generator:
     """The chip's own generator, so its result depends on the seed and the chip only.
 
@@ -334,6 +289,29 @@ def pseudolabel(
 ) -> PseudolabelSummary:
     """Complete the labels of a chips folder by per-chip graph propagation.
 
+    For every chip of a ``geoseg tile`` folder (typically ``--sparse``):
+
+    1. Nodes are cells of ``reduction``×``reduction`` pixels. Node features: the mean and the
+       standard deviation (texture) of the chip's bands in the cell, scaled and standardized
+       as stats.json says; the cell's position; and, with ``model``, the checkpoint's backbone
+       features (its trunk, on the chip standardized as the checkpoint says), L2-normalized and
+       resampled to the cells.
+    2. A sparse graph (:mod:`geoseg_cli.pixel_graph`): 8 grid neighbours plus the top-k
+       affinities in a dilated window; affinities are Gaussian over colour (the band means),
+       position and backbone features.
+    3. Seeds: a cell holding labelled pixels takes their most frequent class.
+    4. A 2-layer GCN is trained on the chip (:func:`models.wsgcn.propagate`): cross-entropy on
+       the seeded cells, entropy on the others, Laplacian smoothness over the affinities.
+    5. Its probabilities are upsampled bilinearly to the chip; pixels whose top probability is
+       below ``confidence`` stay the ignore index; every seed pixel keeps its label; nodata
+       pixels stay ignore.
+
+    The output folder is an ordinary ``geoseg tile`` folder: the same image chips, new label
+    chips, manifest.csv with the new class counts, stats.json with the new class counts and
+    weights, ``sparse`` false, the new ``coverage`` and a ``pseudolabel`` record (source folder,
+    settings, seed coverage, skipped chips). Band statistics are kept from the source folder.
+    Chips without a labelled pixel are left out and counted.
+
     Args:
         chips_dir: A ``geoseg tile`` folder (sparse labels, typically).
         outdir: New chips folder (written atomically).
@@ -385,7 +363,8 @@ def pseudolabel(
                 pending.clear()
 
             for record in records:
-                chip = _read_chip(record, chips_dir, stats)
+                raw, valid, labels = read_chip(chips_dir, record, stats)
+                chip = _Chip(record, raw.astype(np.float32), valid, labels)
                 if not (chip.labels != ignore).any():
                     skipped += 1
                     bar.update()

@@ -1,26 +1,4 @@
-"""Sparse labels: points, lines and polygons burnt with pixel buffers, the rest ignored.
-
-``geoseg tile --sparse`` burns digitised points and lines (scribbles) into label chips with a
-buffer measured in pixels of the image grid, whatever its CRS:
-
-- points (``Point``, ``MultiPoint``): the pixel holding the point, and every pixel whose
-  centre lies within the point buffer (default :data:`POINT_BUFFER` px: a disc of 13 px
-  around a point at a pixel centre);
-- lines (``LineString``, ``MultiLineString``): every pixel the line touches, and every pixel
-  whose centre lies within the line buffer (default :data:`LINE_BUFFER` px: a band three
-  pixels wide along a horizontal line);
-- polygons: their interior, burnt as dense tiling burns polygons (pixel centres inside),
-  without a buffer: a polygon says "all of this area is the class". To label only a
-  polygon's outline, convert it to lines first (QGIS "Polygons to lines", or
-  ``ogr2ogr -nlt MULTILINESTRING``).
-
-``--buffer PX`` replaces both the point and the line buffer (0: only the touched pixels).
-Round buffers are polygons of 8 segments per quarter circle drawn around the true circle,
-so a pixel centre up to 0.5 % of the buffer beyond it may be burnt too.
-Every other pixel is the ignore index, never a background class. Buffers and polygons are
-drawn first, in file order (later features over earlier ones), then the pixels the points
-and lines touch: a buffer never covers another feature's own pixels.
-"""
+"""Sparse labels: points, lines and polygons burnt with pixel buffers, the rest ignored."""
 
 from __future__ import annotations
 
@@ -58,8 +36,27 @@ _TOLERANCE = 1e-3
 class SparseVectorLabels(VectorLabels):
     """Points, lines and polygons burnt with pixel buffers; unlabelled pixels are ignore.
 
-    Reads the file, its classes and CRS exactly as :class:`~geoseg_cli.labels.VectorLabels`
-    (the module docstring gives the burning rules).
+    Reads the file, its classes and CRS exactly as :class:`~geoseg_cli.labels.VectorLabels`.
+    ``geoseg tile --sparse`` burns digitised points and lines (scribbles) into label chips
+    with a buffer measured in pixels of the image grid, whatever its CRS:
+
+    - points (``Point``, ``MultiPoint``): the pixel holding the point, and every pixel whose
+      centre lies within the point buffer (default :data:`POINT_BUFFER` px: a disc of 13 px
+      around a point at a pixel centre);
+    - lines (``LineString``, ``MultiLineString``): every pixel the line touches, and every pixel
+      whose centre lies within the line buffer (default :data:`LINE_BUFFER` px: a band three
+      pixels wide along a horizontal line);
+    - polygons: their interior, burnt as dense tiling burns polygons (pixel centres inside),
+      without a buffer: a polygon says "all of this area is the class". To label only a
+      polygon's outline, convert it to lines first (QGIS "Polygons to lines", or
+      ``ogr2ogr -nlt MULTILINESTRING``).
+
+    ``--buffer PX`` replaces both the point and the line buffer (0: only the touched pixels).
+    Round buffers are polygons of 8 segments per quarter circle drawn around the true circle,
+    so a pixel centre up to 0.5 % of the buffer beyond it may be burnt too.
+    Every other pixel is the ignore index, never a background class. Buffers and polygons are
+    drawn first, in file order (later features over earlier ones), then the pixels the points
+    and lines touch: a buffer never covers another feature's own pixels.
 
     Args:
         path: Vector file.

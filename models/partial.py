@@ -1,15 +1,4 @@
-"""Loss terms for sparse labels: entropy of unlabelled predictions, Laplacian smoothness.
-
-With labels on a few pixels (points, scribbles), cross-entropy on the labelled pixels alone
-says nothing about the rest. Two terms speak for them, as in WSGCN (Pan et al., ICME 2021):
-
-- entropy: the mean Shannon entropy −Σ_k p_k log p_k of the predictions on unlabelled
-  pixels, which asks for confident predictions there;
-- Laplacian smoothness: Σ_ij w_ij ‖p_i − p_j‖² / Σ_ij w_ij over pairs of nearby pixels (or
-  graph edges), with Gaussian affinities w_ij = exp(−‖c_i − c_j‖²/2σ_c² − ‖x_i − x_j‖²/2σ_xy²)
-  over colour c and position x, which asks pixels of one colour to share a class.
-  (Σ_ij w_ij ‖p_i − p_j‖² = 2 tr(PᵀLP) for the graph Laplacian L of the affinities.)
-"""
+"""Loss terms for sparse labels: entropy of unlabelled predictions, Laplacian smoothness."""
 
 from __future__ import annotations
 
@@ -100,6 +89,16 @@ def unlabelled_terms(
     smoothness_weight: float = SMOOTHNESS_WEIGHT,
 ) -> dict[str, torch.Tensor]:
     """The terms ``--loss partial`` adds to the cross-entropy on labelled pixels.
+
+    With labels on a few pixels (points, scribbles), cross-entropy on the labelled pixels alone
+    says nothing about the rest. Two terms speak for them, as in WSGCN (Pan et al., ICME 2021):
+
+    - entropy: the mean Shannon entropy −Σ_k p_k log p_k of the predictions on unlabelled
+      pixels, which asks for confident predictions there;
+    - Laplacian smoothness: Σ_ij w_ij ‖p_i − p_j‖² / Σ_ij w_ij over pairs of nearby pixels (or
+      graph edges), with Gaussian affinities w_ij = exp(−‖c_i − c_j‖²/2σ_c² − ‖x_i − x_j‖²/2σ_xy²)
+      over colour c and position x, which asks pixels of one colour to share a class.
+      (Σ_ij w_ij ‖p_i − p_j‖² = 2 tr(PᵀLP) for the graph Laplacian L of the affinities.)
 
     Args:
         logits: B×K×H×W class scores.

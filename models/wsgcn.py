@@ -1,16 +1,4 @@
-"""Label propagation by a 2-layer GCN trained per image on a sparse graph (after WSGCN).
-
-WSGCN (Pan, Lu, Lee, Peng, "Weakly-supervised image semantic segmentation using graph
-convolutional networks", ICME 2021) completes sparse seed labels by training a small GCN
-separately for every image, as semi-supervised node classification: cross-entropy on the
-seeded nodes plus an entropy term on the others and a Laplacian smoothness term over the
-graph's colour and position affinities (:mod:`models.partial`).
-
-Here a batch of B images of N nodes each is one block-diagonal graph given by an edge list,
-never a dense N×N matrix: aggregation is a sparse matrix product. Each image has its own
-GCN weights (B×F×H tensors); since the loss is a sum of per-image losses and Adam updates
-every weight element on its own, each image's GCN trains exactly as it would alone.
-"""
+"""Label propagation by a 2-layer GCN trained per image on a sparse graph (after WSGCN)."""
 
 from __future__ import annotations
 
@@ -176,6 +164,17 @@ def propagate(
     config: PropagationConfig = PropagationConfig(),
 ) -> torch.Tensor:
     """Train one 2-layer GCN per graph on its seeds and return every node's probabilities.
+
+    WSGCN (Pan, Lu, Lee, Peng, "Weakly-supervised image semantic segmentation using graph
+    convolutional networks", ICME 2021) completes sparse seed labels by training a small GCN
+    separately for every image, as semi-supervised node classification: cross-entropy on the
+    seeded nodes plus an entropy term on the others and a Laplacian smoothness term over the
+    graph's colour and position affinities (:mod:`models.partial`).
+
+    Here a batch of B images of N nodes each is one block-diagonal graph given by an edge list,
+    never a dense N×N matrix: aggregation is a sparse matrix product. Each image has its own
+    GCN weights (B×F×H tensors); since the loss is a sum of per-image losses and Adam updates
+    every weight element on its own, each image's GCN trains exactly as it would alone.
 
     The loss of graph b is the class-balanced cross-entropy over its seeded nodes (the mean
     over its seeded classes of their nodes' mean: how densely a class was seeded is no

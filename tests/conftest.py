@@ -81,6 +81,21 @@ def synthetic_scene(
     return np.clip(image, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Results are thread-count specific, and a busy 2-core machine runs small models many times
+    faster on one thread than on two.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_raster(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``make_raster("name.tif", array, crs=..., transform=..., nodata=...)``."""

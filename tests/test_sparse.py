@@ -22,8 +22,8 @@ from conftest import (
     write_raster,
 )
 
-from geoseg_cli.cli import cli
 from geoseg_cli.chips import load_stats, read_manifest
+from geoseg_cli.cli import cli
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.evaluate import evaluate
 from geoseg_cli.pixel_graph import KNN, NEIGHBOURS, build_graph, search_offsets
@@ -37,14 +37,7 @@ from models.wsgcn import GraphBatch, PropagationConfig, propagate
 IGNORE = 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: a busy 2-core machine runs these small graphs and models many
-    times faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _xy(col: float, row: float) -> list[float]:
@@ -98,8 +91,10 @@ def image(tmp_path: Path) -> Path:
 
 
 def test_points_lines_and_polygons_are_burnt_with_pixel_buffers(image, tmp_path) -> None:
-    """Default buffers: 2 px around points, 1 px around lines; polygons whole; everything
-    else ignore, although the classes file has a "background" class."""
+    """Default buffers: 2 px around points, 1 px around lines; polygons whole.
+
+    Everything else is ignore, although the classes file has a "background" class.
+    """
     features = [
         (_point(10.5, 10.5), {"cls": "tree"}),  # at a pixel centre
         (_point(30.0, 10.0), {"cls": "tree"}),  # at a pixel corner
@@ -155,8 +150,10 @@ def test_points_lines_and_polygons_are_burnt_with_pixel_buffers(image, tmp_path)
 
 
 def test_buffer_option_replaces_both_buffers_and_own_pixels_win(image, tmp_path) -> None:
-    """--buffer 0: only the touched pixels; --buffer 3 for points and lines alike; a later
-    feature's buffer covers an earlier one's, but never another feature's own pixels."""
+    """--buffer 0: only the touched pixels; --buffer 3 for points and lines alike.
+
+    A later feature's buffer covers an earlier one's, but never another feature's own pixels.
+    """
     features = [
         (_line((20.5, -10), (20.5, 80)), {"cls": 2}),  # vertical, column 20, image height
         (_point(22.5, 10.5), {"cls": 1}),  # its buffer reaches column 20
@@ -293,8 +290,11 @@ def test_partial_loss_needs_the_image_and_ignores_unlabelled_pixels_in_ce() -> N
 
 
 def test_graph_of_a_1024_chip_is_sparse_and_memory_bounded() -> None:
-    """A 1024² chip at the default 4-px cells: 65 536 nodes. Edges stay O(N·k) and the
-    build's peak memory a small fraction of one dense N×N float32 matrix (17 GB)."""
+    """A 1024² chip at the default 4-px cells: 65 536 nodes.
+
+    Edges stay O(N·k) and the build's peak memory a small fraction of one dense N×N float32
+    matrix (17 GB).
+    """
     rng = np.random.default_rng(0)
     features = rng.normal(size=(256, 256, 5)).astype(np.float32)
     nodes = 256 * 256
@@ -316,8 +316,10 @@ def test_graph_of_a_1024_chip_is_sparse_and_memory_bounded() -> None:
 
 
 def test_graph_edges_are_the_8_neighbours_and_the_nearest_candidates() -> None:
-    """Node (4, 4) and the candidates (0, 6) and (8, 2) of its search window share a value
-    unlike every other node: they are its 2 affinity edges, besides its 8 neighbours."""
+    """Node (4, 4) gets its 8 neighbours and the 2 candidates that share its value.
+
+    The candidates (0, 6) and (8, 2) of its search window are unlike every other node.
+    """
     features = np.full((9, 9, 1), 2.0, dtype=np.float32)
     features[4, 4] = features[0, 6] = features[8, 2] = 0.0
     graph = build_graph(features, k=2, radius=2, dilation=2)
@@ -333,8 +335,10 @@ def test_graph_edges_are_the_8_neighbours_and_the_nearest_candidates() -> None:
 
 
 def test_propagation_follows_colour_and_is_batch_independent() -> None:
-    """Two colour regions, one seed in each: the GCN labels each region with its seed's
-    class; a graph trained in a batch of two gives what it gives alone."""
+    """Two colour regions, one seed in each: each region gets its seed's class.
+
+    A graph trained in a batch of two gives what it gives alone.
+    """
     rows, cols = 12, 16
     colour = np.zeros((rows, cols, 1), dtype=np.float32)
     colour[:, 8:] = 4.0
@@ -383,8 +387,10 @@ def test_node_seeds_take_the_most_frequent_class_of_a_cell() -> None:
 
 @pytest.fixture
 def sparse_chips(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    """A sparse chips folder (3 classes, 64-px chips, 12 train / 4 val) with a disc of seeds
-    in every class region of every chip but one, which has none, and a nodata strip."""
+    """A sparse chips folder: 3 classes, 64-px chips, 12 train / 4 val, a nodata strip.
+
+    Seeds lie in every class region of every chip but one, which has none.
+    """
     image, dense = coarse_scene(256, 256, num_classes=3, seed=5)
     sparse = np.full(dense.shape, IGNORE, dtype=np.uint8)
     rng = np.random.default_rng(0)
