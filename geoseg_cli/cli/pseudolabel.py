@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from geoseg_cli.cli.options import device_opt, json_opt, overwrite_opt
-from geoseg_cli.pseudolabel import BATCH_SIZE, CONFIDENCE, PseudolabelConfig
+from geoseg_cli.pseudolabel import PseudolabelConfig
 from geoseg_cli.pseudolabel import pseudolabel as run_pseudolabel
 from models.wsgcn import PropagationConfig
 
@@ -27,7 +27,7 @@ from models.wsgcn import PropagationConfig
 @click.option(
     "--confidence",
     type=click.FloatRange(0, 1),
-    default=CONFIDENCE,
+    default=PseudolabelConfig.confidence,
     show_default=True,
     help="Pixels whose top class probability is lower stay unlabelled (ignore index).",
 )
@@ -47,12 +47,14 @@ from models.wsgcn import PropagationConfig
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=BATCH_SIZE,
+    default=PseudolabelConfig.batch_size,
     show_default=True,
     help="Chips propagated together (one block-diagonal graph; larger is faster on a GPU).",
 )
 @device_opt
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--seed", type=int, default=PseudolabelConfig.seed, show_default=True, help="Random seed."
+)
 @json_opt
 @overwrite_opt
 def pseudolabel(
