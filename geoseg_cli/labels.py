@@ -364,7 +364,7 @@ class VectorLabels:
         shapes, tree = self._geometries_in(image)
         ids = self._ids(table)
         sparse = int((shapely.get_dimensions(shapes) < 2).sum())
-        if sparse and table.background != table.ignore_index:
+        if sparse and self.fills_background and table.background != table.ignore_index:
             raise InputError(
                 f"{self.path}: {sparse} point or line feature(s) would be surrounded by "
                 f"'{table.names[table.background]}', which fills every pixel no polygon "
@@ -373,11 +373,11 @@ class VectorLabels:
             )
         if not tree.query(shapely.box(*image.bounds)).size:
             log.warning(
-                "%s: no polygon overlaps %s; its labels are all background (a file without "
-                "a CRS is read as WGS 84 lon/lat when its coordinates fit, else in the image "
-                "CRS)",
+                "%s: no feature overlaps %s; its labels are all %s (a file without a CRS is "
+                "read as WGS 84 lon/lat when its coordinates fit, else in the image CRS)",
                 self.path,
                 image.name,
+                "background" if self.fills_background else "ignored",
             )
 
         def read(window: Window) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,8 +17,6 @@ from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import UsageError
 from geoseg_cli.labels import LabelReader, LabelSource, RasterLabels, VectorLabels, open_labels
 from geoseg_cli.vector import is_vector_path
-
-log = logging.getLogger(__name__)
 
 #: Default buffer of points, in pixels.
 POINT_BUFFER = 2.0
@@ -84,44 +81,41 @@ class SparseVectorLabels(VectorLabels):
     @contextlib.contextmanager
     def reader(self, table: ClassTable, image: rasterio.DatasetReader) -> Iterator[LabelReader]:
         """Yield a function that burns the features over a window of ``image``."""
-        shapes, tree = self._geometries_in(image)
-        ids = self._ids(table)
-        dims = shapely.get_dimensions(shapes)
-        radii = (
-            np.where(dims == 0, self.point_buffer, self.line_buffer) * _RADIUS_FACTOR + _TOLERANCE
-        )
-        margin = int(np.ceil(max(self.point_buffer, self.line_buffer))) + 1
-        if not tree.query(shapely.box(*image.bounds)).size:
-            log.warning(
-                "%s: no feature overlaps %s; its labels are all ignored (a file without a "
-                "CRS is read as WGS 84 lon/lat when its coordinates fit, else in the image CRS)",
-                self.path,
-                image.name,
+        with super().reader(table, image):  # its checks, and its warning when nothing overlaps
+            shapes, tree = self._geometries_in(image)
+            ids = self._ids(table)
+            dims = shapely.get_dimensions(shapes)
+            radii = (
+                np.where(dims == 0, self.point_buffer, self.line_buffer) * _RADIUS_FACTOR
+                + _TOLERANCE
             )
+            margin = int(np.ceil(max(self.point_buffer, self.line_buffer))) + 1
 
-        def read(window: Window) -> np.ndarray:
-            out_shape = (int(window.height), int(window.width))
-            out = np.full(out_shape, table.ignore_index, dtype=table.dtype)
-            reach = Window(
-                window.col_off - margin,
-                window.row_off - margin,
-                window.width + 2 * margin,
-                window.height + 2 * margin,
-            )
-            hits = np.sort(
-                tree.query(shapely.box(*rasterio.windows.bounds(reach, image.transform)))
-            )
-            if not hits.size:
+            def read(window: Window) -> np.ndarray:
+                out_shape = (int(window.height), int(window.width))
+                out = np.full(out_shape, table.ignore_index, dtype=table.dtype)
+                reach = Window(
+                    window.col_off - margin,
+                    window.row_off - margin,
+                    window.width + 2 * margin,
+                    window.height + 2 * margin,
+                )
+                hits = np.sort(
+                    tree.query(shapely.box(*rasterio.windows.bounds(reach, image.transform)))
+                )
+                if not hits.size:
+                    return out
+                pixels = _to_pixels(shapes[hits], window_transform(window, image.transform))
+                drawn = dims[hits] < 2
+                burnt = pixels.copy()
+                burnt[drawn] = shapely.buffer(
+                    pixels[drawn], radii[hits][drawn], quad_segs=_QUAD_SEGS
+                )
+                _burn(out, burnt, ids[hits], all_touched=False)
+                _burn(out, pixels[drawn], ids[hits][drawn], all_touched=True)
                 return out
-            pixels = _to_pixels(shapes[hits], window_transform(window, image.transform))
-            drawn = dims[hits] < 2
-            burnt = pixels.copy()
-            burnt[drawn] = shapely.buffer(pixels[drawn], radii[hits][drawn], quad_segs=_QUAD_SEGS)
-            _burn(out, burnt, ids[hits], all_touched=False)
-            _burn(out, pixels[drawn], ids[hits][drawn], all_touched=True)
-            return out
 
-        yield read
+            yield read
 
 
 def _to_pixels(geometries: np.ndarray, transform: Affine) -> np.ndarray:
