@@ -17,7 +17,6 @@ from geoseg_cli.checkpoint import InputSpec
 from geoseg_cli.classes import ClassInfo
 from geoseg_cli.distributed import torchrun_env
 from geoseg_cli.errors import InputError
-from models.losses import DENSE_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +333,8 @@ def check_sparse_loss(stats: ChipStats, loss: str, chips_dir: str | os.PathLike)
     Raises:
         InputError: ``loss`` is Dice or Dice+CE.
     """
+    from models.losses import DENSE_LOSSES  # PyTorch: tile and evaluate never import it
+
     share = "" if stats.coverage is None else f" ({100 * stats.coverage:.2f}% of pixels labelled)"
     if loss in DENSE_LOSSES:
         raise InputError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -244,6 +246,16 @@ def test_sparse_options_and_dense_refusal(image, tmp_path) -> None:
     summary = json.loads(result.stdout)
     assert summary["sparse"] and summary["unlabelled"] == 15
     assert summary["coverage"] == pytest.approx(5 / 256)
+
+
+def test_sparse_tiling_does_not_import_pytorch() -> None:
+    code = (
+        "import sys; import geoseg_cli.cli.tile, geoseg_cli.sparse, geoseg_cli.tiling; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 # --- the partial loss -------------------------------------------------------------------
