@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import pickle
@@ -173,7 +174,10 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     import torch
 
     with atomic_output(path, overwrite=True) as tmp:
-        torch.save(ckpt.to_dict(), tmp)
+        try:
+            torch.save(ckpt.to_dict(), tmp)
+        except RuntimeError as exc:  # how torch's zip writer reports a failed write
+            raise OSError(errno.EIO, first_line(exc), str(tmp)) from exc
 
 
 def checkpoint_from_dict(data: Any, path: str | os.PathLike = "<checkpoint>") -> Checkpoint:

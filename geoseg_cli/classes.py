@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from geoseg_cli.errors import InputError
-from geoseg_cli.tomlfile import read_toml
+from geoseg_cli.raster import atomic_output
+from geoseg_cli.tomlfile import read_toml, toml_value
 
 RGB = tuple[int, int, int]
 
@@ -293,3 +294,33 @@ def load_classes(
     """Load a classes file or preset (``isprs``) as a :class:`ClassTable`."""
     data, source = read_classes_document(spec)
     return parse_classes(data, source, ignore_index, require_colors)
+
+
+def write_classes_file(
+    path: str | os.PathLike,
+    table: ClassTable,
+    comment: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write ``table`` as a classes file that :func:`load_classes` reads back.
+
+    TOML for ``.toml`` (``comment`` lines first, as ``#`` comments), JSON for ``.json``;
+    class values are written only where a class has one.
+
+    Returns:
+        The file written.
+    """
+    path = Path(path)
+    entries = [
+        {**c.describe(), **({} if c.value is None else {"value": c.value})} for c in table.classes
+    ]
+    if path.suffix.lower() == ".json":
+        text = json.dumps({"ignore_index": table.ignore_index, "classes": entries}, indent=2)
+    else:
+        lines = [*(f"# {line}" for line in comment), f"ignore_index = {table.ignore_index}"]
+        for entry in entries:
+            lines += ["", "[[classes]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items())]
+        text = "\n".join(lines)
+    with atomic_output(path, overwrite) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return path

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from geoseg_cli.chips import ChipRecord, ChipStats
 from geoseg_cli.errors import InputError
+from geoseg_cli.raster import read_masked
 from models import OUTPUT_STRIDE
 
 
@@ -28,7 +29,8 @@ class ChipDataset(Dataset):
     ``(raw · scale − mean) / std`` per band, what the inference graph computes from
     ``raw · scale``. A chip larger than ``size`` is cropped (at a random place with
     ``random_crop``, else centred); a smaller one is padded (image 0 after standardization,
-    label ``ignore_index``). Augmentations are drawn from a generator seeded by (seed,
+    label ``ignore_index``), and so are values that are not finite (NaN, ±inf: nodata) of
+    float chips. Augmentations are drawn from a generator seeded by (seed,
     epoch, chip index), so a batch does not depend on workers, ranks or a resume.
 
     Args:
@@ -95,32 +97,14 @@ class ChipDataset(Dataset):
         )
 
     def _read(self, record: ChipRecord) -> tuple[np.ndarray, np.ndarray]:
-        bands = len(self.stats.input.bands)
-        image_path, label_path = record.image(self.chips_dir), record.label(self.chips_dir)
-        try:
-            with rasterio.open(image_path) as src:
-                raw = src.read()
-            with rasterio.open(label_path) as src:
-                label = src.read(1)
-        except rasterio.errors.RasterioIOError as exc:
-            raise InputError(
-                f"chip {record.chip_id}: {str(exc).splitlines()[0]}; re-run geoseg tile"
-            ) from exc
-        if raw.shape[0] != bands:
-            raise InputError(
-                f"{image_path}: {raw.shape[0]} bands but stats.json lists {bands}; "
-                "re-run geoseg tile"
-            )
-        if label.shape != raw.shape[1:]:
-            raise InputError(f"{label_path}: size differs from its image chip; re-run tile")
-        num_classes = len(self.stats.classes)
-        bad = (label >= num_classes) & (label != self.stats.ignore_index)
-        if bad.any():
-            raise InputError(
-                f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
-                f"outside the {num_classes} classes; re-run geoseg tile"
-            )
-        image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
+        raw, _, label = read_chip(self.chips_dir, record, self.stats)
+        with np.errstate(over="ignore"):  # train names chips whose values overflow
+            image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
+        if raw.dtype.kind == "f":  # NaN and ±inf are nodata: 0 after standardization, ignored
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                image[bad] = 0
+                label = np.where(bad.any(axis=0), self.stats.ignore_index, label)
         return image, label
 
     def _fit(
@@ -143,3 +127,38 @@ class ChipDataset(Dataset):
             image = np.pad(image, ((0, 0), *pad))
             label = np.pad(label, pad, constant_values=self.stats.ignore_index)
         return image, label
+
+
+def read_chip(
+    chips_dir: str | os.PathLike, record: ChipRecord, stats: ChipStats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chip's raw bands (C×H×W), valid-data mask (H×W) and labels (H×W), checked.
+
+    Raises:
+        InputError: A chip file is missing or unreadable, or does not fit stats.json.
+    """
+    bands = len(stats.input.bands)
+    image_path, label_path = record.image(chips_dir), record.label(chips_dir)
+    try:
+        with rasterio.open(image_path) as src:
+            raw, valid = read_masked(src)
+        with rasterio.open(label_path) as src:
+            label = src.read(1)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(
+            f"chip {record.chip_id}: {str(exc).splitlines()[0]}; re-run geoseg tile"
+        ) from exc
+    if raw.shape[0] != bands:
+        raise InputError(
+            f"{image_path}: {raw.shape[0]} bands but stats.json lists {bands}; re-run geoseg tile"
+        )
+    if label.shape != raw.shape[1:]:
+        raise InputError(f"{label_path}: size differs from its image chip; re-run tile")
+    num_classes = len(stats.classes)
+    bad = (label >= num_classes) & (label != stats.ignore_index)
+    if bad.any():
+        raise InputError(
+            f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
+            f"outside the {num_classes} classes; re-run geoseg tile"
+        )
+    return raw, valid, label

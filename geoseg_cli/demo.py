@@ -7,8 +7,9 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -17,6 +18,9 @@ from rasterio.transform import Affine, from_origin
 
 from geoseg_cli.checkpoint import ClassInfo
 from geoseg_cli.raster import atomic_output
+
+if TYPE_CHECKING:
+    from geoseg_cli.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,23 @@ class DemoConfig:
     device: str = "auto"
     overwrite: bool = False
 
+    def train_config(self, chips: Path, output: Path, **changes: Any) -> TrainConfig:
+        """The demo's training run on ``chips`` into ``output``, with other settings changed."""
+        from geoseg_cli.train_config import TrainConfig
+
+        settings = {
+            "backbone": self.backbone,
+            "window": self.window,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "loss": self.loss,
+            "device": self.device,
+            "workers": 0,
+            "lr_step_epochs": max(self.epochs, 1),
+        }
+        return TrainConfig(chips_dir=chips, output=output, **{**settings, **changes})
+
 
 @dataclass
 class DemoResult:
@@ -209,6 +230,30 @@ def write_scene(folder: Path, name: str, size: int, seed: int) -> tuple[Path, Pa
     return image_path, label_path
 
 
+def write_classes(folder: Path) -> Path:
+    """Write the demo's classes file, ``folder/classes.json``, and return its path."""
+    path = folder / "classes.json"
+    table = [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES]
+    path.write_text(json.dumps({"ignore_index": IGNORE_INDEX, "classes": table}, indent=2))
+    return path
+
+
+def tile_scene(image: Path, labels: Path, classes_file: Path, chips: Path, window: int) -> None:
+    """Tile a demo scene as ``geoseg demo`` does: stride ``window/2``, 20 % validation chips."""
+    from geoseg_cli.tiling import tile
+
+    tile(
+        [str(image)],
+        [str(labels)],
+        chips,
+        size=window,
+        stride=window // 2,
+        classes=str(classes_file),
+        val_fraction=0.2,
+        seed=0,
+    )
+
+
 class _Timer:
     """Times named steps and logs each as it starts."""
 
@@ -235,9 +280,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     from geoseg_cli.evaluate import evaluate
     from geoseg_cli.export.onnx import export_onnx
     from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
-    from geoseg_cli.tiling import tile
     from geoseg_cli.train import train
-    from geoseg_cli.train_config import TrainConfig
+    from geoseg_cli.train_config import write_config_file
 
     timer = _Timer()
     final = Path(config.outdir)
@@ -247,43 +291,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
         with timer.step("scenes", f"generating two {config.size}×{config.size} px scenes"):
             train_image, train_labels = write_scene(data, "scene_train", config.size, 1)
             test_image, test_labels = write_scene(data, "scene_heldout", config.size, 2)
-            classes_file = data / "classes.json"
-            classes_file.write_text(
-                json.dumps(
-                    {
-                        "ignore_index": IGNORE_INDEX,
-                        "classes": [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES],
-                    },
-                    indent=2,
-                )
-            )
+            classes_file = write_classes(data)
         with timer.step("tile", "tiling the training scene"):
-            tile(
-                [str(train_image)],
-                [str(train_labels)],
-                out / "chips",
-                size=config.window,
-                stride=config.window // 2,
-                classes=str(classes_file),
-                val_fraction=0.2,
-                seed=0,
-            )
+            tile_scene(train_image, train_labels, classes_file, out / "chips", config.window)
         with timer.step("train", f"training {config.backbone} scg-gcn for {config.epochs} epochs"):
-            run = train(
-                TrainConfig(
-                    chips_dir=out / "chips",
-                    output=out / "run",
-                    backbone=config.backbone,
-                    window=config.window,
-                    epochs=config.epochs,
-                    batch_size=config.batch_size,
-                    lr=config.lr,
-                    loss=config.loss,
-                    device=config.device,
-                    workers=0,
-                    lr_step_epochs=max(config.epochs, 1),
-                )
-            )
+            train_config = config.train_config(out / "chips", out / "run")
+            run = train(train_config)
+            # the run's config.toml names where the demo's folders will be, for --resume
+            moved = {"chips_dir": final.absolute() / "chips", "output": final.absolute() / "run"}
+            write_config_file(replace(train_config, **moved), out / "run" / "config.toml")
         pred = out / "scene_heldout_pred.tif"
         with timer.step("predict", "predicting the held-out scene with flip TTA"):
             runtime = load_runtime(run.best_path, config.device)

@@ -25,6 +25,10 @@ class CheckpointError(GeosegError):
     """A checkpoint or ONNX model is corrupt, foreign or inconsistent."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a command that keeps what it finished; the message says what."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()

@@ -15,8 +15,10 @@ from rasterio.windows import Window
 
 from geoseg_cli.classes import PRESETS, ClassInfo, ClassTable, load_classes
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.faults import read_errors
 from geoseg_cli.labels import RasterLabels, VectorLabels, warn_unscored_labels
 from geoseg_cli.labels import resolve_classes as infer_label_classes
+from geoseg_cli.matching import MATCH_METHODS, matched_metrics
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import describe_grid, nodata_value, open_raster, same_grid
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 #: Pixels per strip when no block size is given (a few arrays of this many int64 values).
 BLOCK_PIXELS = 1 << 20
+#: The fix named when reference labels fall outside the classes.
+_CLASSES_HINT = (
+    "give --classes with every class, or set --ignore-index to the label value that marks "
+    "unlabelled pixels"
+)
 
 
 def evaluate(
@@ -40,6 +47,7 @@ def evaluate(
     block_rows: int | None = None,
     class_field: str | None = None,
     class_value: int | None = None,
+    match: str | None = None,
 ) -> Metrics:
     """Confusion matrix and scores of a class map (band 1) against reference labels.
 
@@ -74,9 +82,15 @@ def evaluate(
         block_rows: Rows per strip read at a time (default: about a million pixels).
         class_field: Polygon attribute holding the class (number or class name).
         class_value: Class value of every polygon (default 1 without ``class_field``).
+        match: ``"hungarian"``: the prediction is a cluster map (e.g. of ``geoseg
+            cluster``); each cluster is matched to at most one class before scoring
+            (:mod:`geoseg_cli.matching`; unmatched clusters count as errors). The classes
+            then come from ``classes``/``num_classes`` or the labels, never from the
+            prediction's tags (which name its clusters).
 
     Returns:
-        The scores (:meth:`Metrics.to_dict` for JSON).
+        The scores (:meth:`Metrics.to_dict` for JSON); with ``match`` a
+        :class:`~geoseg_cli.matching.MatchedMetrics` that also holds each cluster's class.
 
     Raises:
         InputError: Unreadable files, grids that differ, a non-integer class map, or label
@@ -96,6 +110,8 @@ def evaluate(
         classes, ignore_index = table.names, table.ignore_index
     if boundary_erosion < 0:
         raise UsageError(f"--boundary-erosion must be ≥ 0, got {boundary_erosion}")
+    if match is not None and match not in MATCH_METHODS:
+        raise UsageError(f"--match {match}: use one of {', '.join(MATCH_METHODS)}")
     if classes is not None:
         if num_classes is not None and num_classes != len(classes):
             raise UsageError(f"{len(classes)} class names but num_classes={num_classes}")
@@ -113,18 +129,17 @@ def evaluate(
                 "_probabilities.tif?); give the prediction"
             )
         _check_class_map(pred_src)
-        if classes is None and num_classes is None:
+        clusters = _tagged_classes(pred_src) if match else None
+        if classes is None and num_classes is None and not match:
             classes = _tagged_classes(pred_src)
             num_classes = None if classes is None else len(classes)
-        matrix = ConfusionMatrix(num_classes, ignore_index)
+        # clusters may outnumber the classes: count every id, match afterwards
+        matrix = ConfusionMatrix(None if match else num_classes, ignore_index)
         with _label_reader(label_path, pred_src, table, polygons) as read_labels:
             try:
                 dropped = _accumulate(matrix, pred_src, read_labels, boundary_erosion, block_rows)
             except ValueError as exc:
-                raise InputError(
-                    f"{label_path}: {exc}; give --classes with every class, or set "
-                    "--ignore-index to the label value that marks unlabelled pixels"
-                ) from exc
+                raise InputError(f"{label_path}: {exc}; {_CLASSES_HINT}") from exc
         if table is None and polygons is None:  # a table's labels were checked as tile does
             with open_raster(label_path) as src:
                 nodata = nodata_value(src)
@@ -133,8 +148,25 @@ def evaluate(
             ignore = -1 if ignore_index is None else ignore_index
             warn_unscored_labels(str(label_path), pixels, nodata_pixels, nodata, ignored, ignore)
     names = list(classes) if classes is not None else None
-    excluded = _class_indexes(exclude_from_mean, names, matrix.num_classes)
-    metrics = matrix.metrics(names, excluded, boundary_erosion)
+    if match:
+        if num_classes is None:  # the classes the labels hold
+            num_classes = int(np.nonzero(matrix.counts.sum(axis=1))[0].max(initial=0)) + 1
+        excluded = _class_indexes(exclude_from_mean, names, num_classes)
+        try:
+            metrics = matched_metrics(
+                matrix.counts,
+                num_classes,
+                names,
+                clusters,
+                excluded,
+                ignore_index,
+                boundary_erosion,
+            )
+        except ValueError as exc:
+            raise InputError(f"{label_path}: {exc}; {_CLASSES_HINT}") from exc
+    else:
+        excluded = _class_indexes(exclude_from_mean, names, matrix.num_classes)
+        metrics = matrix.metrics(names, excluded, boundary_erosion)
     if metrics.pixels == 0:
         log.warning("%s: no labelled pixel was scored", label_path)
     return metrics
@@ -161,7 +193,7 @@ def _label_reader(
         if polygons is None:
             src = stack.enter_context(open_raster(path))
             _check_grids(pred, src)
-            _check_class_map(src)
+            _check_class_map(src, labels=True)
             if table is None:
                 if src.count >= 3:
                     raise UsageError(
@@ -287,21 +319,37 @@ def _positional_table(
 
 
 def _read_ids(src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
-    """Band 1 rows as int64 with nodata pixels set to -1 (no class, no prediction)."""
-    raw = src.read(1, window=Window(0, row, src.width, rows))
-    values = raw.astype(np.int64)
+    """Band 1 rows as int64, -1 where nodata or not finite (no class, no prediction).
+
+    Raises:
+        InputError: The file fails to read, or a float band holds fractions.
+    """
+    with read_errors(src):
+        raw = src.read(1, window=Window(0, row, src.width, rows))
     nodata = nodata_value(src)
-    if nodata is not None:
-        values[raw == nodata] = -1
+    invalid = raw == nodata if nodata is not None else np.zeros(raw.shape, bool)
+    if raw.dtype.kind == "f":
+        invalid |= ~np.isfinite(raw)
+        raw = np.where(invalid, -1, raw)
+        if not np.array_equal(raw, np.round(raw)):
+            raise InputError(
+                f"{src.name}: class ids must be whole numbers; found fractions (is this an "
+                "image rather than a label raster?)"
+            )
+    values = raw.astype(np.int64)
+    values[invalid] = -1
     return values
 
 
-def _check_class_map(src: rasterio.DatasetReader) -> None:
-    if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-        raise InputError(
-            f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
-            "give integer class ids (e.g. the uint8 output of geoseg predict)"
-        )
+def _check_class_map(src: rasterio.DatasetReader, labels: bool = False) -> None:
+    """Refuse a band 1 that cannot hold class ids (integers; for labels, also floats)."""
+    kind = np.dtype(src.dtypes[0]).kind
+    if kind in "iu" or (labels and kind == "f"):
+        return
+    raise InputError(
+        f"{src.name}: band 1 is {src.dtypes[0]}, not a class map; "
+        "give integer class ids (e.g. the uint8 output of geoseg predict)"
+    )
 
 
 def _check_grids(pred: rasterio.DatasetReader, labels: rasterio.DatasetReader) -> None:

@@ -203,6 +203,8 @@ class VectorLabels:
     """
 
     kind = "vector"
+    #: Pixels no feature covers get the background class (sparse labels: the ignore index).
+    fills_background = True
 
     def __init__(
         self, path: str, class_field: str | None = None, class_value: int | None = None
@@ -328,21 +330,54 @@ class VectorLabels:
             shapes = shapely.from_geojson([json.dumps(g) for g in geoms])
         except (GEOSException, ValueError) as exc:
             raise InputError(f"{self.path}: invalid geometry ({exc}); repair the file") from exc
+        shapes = self._repaired(shapes)
         self._cache[key] = (shapes, shapely.STRtree(shapes))
         return self._cache[key]
+
+    def _repaired(self, shapes: np.ndarray) -> np.ndarray:
+        """The shapes, invalid ones (self-intersecting rings ...) made valid, with a warning.
+
+        A self-intersecting ring would be burnt with holes where it overlaps itself; the
+        repair keeps the area its rings enclose (GEOS's "structure" method).
+        """
+        invalid = np.flatnonzero(~shapely.is_valid(shapes))
+        if not invalid.size:
+            return shapes
+        first = shapely.is_valid_reason(shapes[invalid[0]])
+        shapes = shapes.copy()
+        shapes[invalid] = shapely.make_valid(
+            shapes[invalid], method="structure", keep_collapsed=False
+        )
+        log.warning(
+            "%s: %d invalid polygon(s) repaired with shapely.make_valid (first: feature %d, "
+            "%s); check them (e.g. QGIS's Fix geometries)",
+            self.path,
+            invalid.size,
+            invalid[0],
+            first,
+        )
+        return shapes
 
     @contextlib.contextmanager
     def reader(self, table: ClassTable, image: rasterio.DatasetReader) -> Iterator[LabelReader]:
         """Yield a function that rasterises the polygons over a window of ``image``."""
         shapes, tree = self._geometries_in(image)
         ids = self._ids(table)
+        sparse = int((shapely.get_dimensions(shapes) < 2).sum())
+        if sparse and self.fills_background and table.background != table.ignore_index:
+            raise InputError(
+                f"{self.path}: {sparse} point or line feature(s) would be surrounded by "
+                f"'{table.names[table.background]}', which fills every pixel no polygon "
+                "covers: tile sparse points and scribbles with geoseg tile --sparse; score "
+                "against them with a classes file without a background class"
+            )
         if not tree.query(shapely.box(*image.bounds)).size:
             log.warning(
-                "%s: no polygon overlaps %s; its labels are all background (a file without "
-                "a CRS is read as WGS 84 lon/lat when its coordinates fit, else in the image "
-                "CRS)",
+                "%s: no feature overlaps %s; its labels are all %s (a file without a CRS is "
+                "read as WGS 84 lon/lat when its coordinates fit, else in the image CRS)",
                 self.path,
                 image.name,
+                "background" if self.fills_background else "ignored",
             )
 
         def read(window: Window) -> np.ndarray:
@@ -387,7 +422,9 @@ def resolve_classes(
     it. Without, classes are inferred: numbers 0..max found become ``class_0``..``class_N``
     (class 0 is ``background`` when polygons are involved, as pixels no polygon covers are
     class 0); class names from a vector attribute become ``background`` (0) followed by the
-    sorted names. RGB label rasters always need a classes file.
+    sorted names. Sparse vector labels (``geoseg tile --sparse``) fill no background: their
+    class 0 is ``class_0`` and their names are only those found. RGB label rasters always
+    need a classes file.
 
     Raises:
         InputError: A label does not fit the classes.
@@ -419,14 +456,15 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
     found: set[int | str] = set()
     for source in sources:
         found |= {v for v in source.counts() if v != ignore_index}
-    has_vectors = any(s.kind == "vector" for s in sources)
+    fills_background = any(getattr(s, "fills_background", False) for s in sources)
     names = {v for v in found if isinstance(v, str)}
     if names:
         if len(names) != len(found):
             raise InputError(
                 "labels mix class names and class numbers across sources; give a classes file"
             )
-        ordered = ["background", *sorted(names - {"background"})]
+        background = ["background"] if fills_background or "background" in names else []
+        ordered = [*background, *sorted(names - {"background"})]
         return ClassTable(
             [ClassInfo(n, default_color(i), i) for i, n in enumerate(ordered)],
             ignore_index,
@@ -443,7 +481,7 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
             f"below the ignore index {ignore_index}; set --ignore-index higher or give a "
             "classes file"
         )
-    if top == 0 and not has_vectors:
+    if top == 0 and not fills_background:
         log.warning(
             "the labels hold a single class (value 0); check the labels or the ignore index"
         )
@@ -451,7 +489,7 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
     return ClassTable(
         [
             ClassInfo(
-                "background" if i == 0 and has_vectors else f"class_{i}",
+                "background" if i == 0 and fills_background else f"class_{i}",
                 tuple(colormap[i][:3]) if colormap and i in colormap else default_color(i),
                 i,
             )

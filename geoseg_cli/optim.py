@@ -97,9 +97,14 @@ def forward_loss(
     labels: torch.Tensor,
     dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """Training-mode forward pass and total loss, under autocast when ``dtype`` is set."""
+    """Training-mode forward pass and total loss, under autocast when ``dtype`` is set.
+
+    The labels go to the network too: heads that sample their graph from them in training
+    (``cdgc``) need them; the SCG heads ignore them. The images go to the loss too (the
+    ``partial`` loss's colour affinities).
+    """
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        return criterion(net(images), labels).total
+        return criterion(net(images, labels), labels, images).total
 
 
 def optimizer_step(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import logging
 import math
@@ -25,6 +24,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window, from_bounds
 
 from geoseg_cli.errors import InputError, OutputError, UsageError
+from geoseg_cli.faults import read_errors, sweep_stale, temp_prefix, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def open_raster(path: str | os.PathLike) -> Iterator[rasterio.DatasetReader]:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output that exists (without ``overwrite``) or whose folder is missing.
+    """Refuse an output that exists (without ``overwrite``) or whose folder is missing or locked.
 
     Returns:
         The output as a :class:`~pathlib.Path`.
@@ -65,6 +65,10 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputError(f"{path} already exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{path}: folder {path.parent} is not writable; write elsewhere or fix its permissions"
+        )
     return path
 
 
@@ -81,24 +85,26 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         path: Final output path.
         overwrite: Replace an existing output instead of refusing.
 
+    Temporary folders of the same output left by killed processes are removed first.
+
     Raises:
-        OutputError: The output exists, its folder is missing, or the disk is full.
+        OutputError: The output exists, its folder is missing or read-only, the disk is
+            full, or writing a file at the temporary path failed (named after ``path``).
     """
     final = check_output(path, overwrite)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    tmp = Path(tmp_dir) / final.name
+    sweep_stale(final)
+    with write_errors(final, final.parent):
+        tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
+    tmp = tmp_dir / final.name
     try:
-        yield tmp
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        for sidecar in Path(tmp_dir).glob(f"{glob.escape(final.stem)}.*"):
-            if sidecar != tmp:
-                os.replace(sidecar, final.with_name(sidecar.name))
-        os.replace(tmp, final)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"{final}: disk full; free space or write elsewhere") from exc
-        raise
+        with write_errors(final, tmp_dir):
+            yield tmp
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            for sidecar in tmp_dir.glob(f"{glob.escape(final.stem)}.*"):
+                if sidecar != tmp:
+                    os.replace(sidecar, final.with_name(sidecar.name))
+            os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -121,8 +127,9 @@ def read_masked(
         (data bands×rows×cols in the source dtype, valid rows×cols bool).
     """
     indexes = list(indexes or src.indexes)
-    data = src.read(indexes, window=window)
-    valid = src.read_masks(indexes, window=window).any(axis=0)
+    with read_errors(src):
+        data = src.read(indexes, window=window)
+        valid = src.read_masks(indexes, window=window).any(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     return data, valid

@@ -99,7 +99,7 @@ def plot_history(path: Path, history: list[dict[str, float]]) -> None:
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4))
     losses, scores = fig.subplots(1, 2)
-    curves = {"train_loss": "train (with L_kl, L_dl)", "val_loss": "val (segmentation)"}
+    curves = {"train_loss": "train (with the model's terms)", "val_loss": "val (segmentation)"}
     for key, label in curves.items():
         losses.plot(epochs, [row[key] for row in history], marker="o", label=label)
     for key in ("oa", "mf1", "miou"):
@@ -134,15 +134,64 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def make_run_dir(run_dir: Path, resume: bool) -> None:
+def make_run_dir(run_dir: Path, resume: bool) -> bool:
     """Create the run folder (rank 0), clearing the files of an overwritten run.
+
+    Returns:
+        Whether the folder was created.
 
     Raises:
         OutputError: The path is a file.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{run_dir} is a file; give a folder for the run")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+    return created
+
+
+def non_finite_message(run_dir: Path, epoch: int, step: int, value: float, chips: list[str]) -> str:
+    """Why a run stopped on a loss that is not finite, and what was kept.
+
+    Args:
+        run_dir: The run folder.
+        epoch: The epoch (0-based) that was training.
+        step: Optimizer steps done.
+        value: The loss.
+        chips: The chips of the batch whose standardized input is not finite.
+    """
+    if chips:
+        shown = ", ".join(chips[:5]) + (f" and {len(chips) - 5} more" if len(chips) > 5 else "")
+        cause = (
+            f"chip(s) {shown} hold values that are not finite once standardized with "
+            "stats.json's mean and std (a fill value such as -3.4e38 not marked nodata?): "
+            "mark them nodata in the source raster (gdal_edit -a_nodata VALUE) and run "
+            "geoseg tile again"
+        )
+    else:
+        cause = "lower the LR (--lr), or try --loss ce or --no-amp"
+    return (
+        f"training stopped: the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+        f"{cause}; {kept_note(run_dir, epoch)}"
+    )
+
+
+def discard_unfinished(run_dir: Path) -> None:
+    """Remove a new run folder whose first epoch never reached ``last.pt``."""
+    if (run_dir / "last.pt").is_file():
+        return
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def kept_note(run_dir: Path, epoch: int) -> str:
+    """What a stopped run leaves: ``last.pt`` after ``epoch`` epochs to resume from, or nothing."""
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return "no epoch had finished: nothing was kept"
+    return f"{last} (epoch {epoch}) is kept: continue from it with --resume {run_dir}"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geoseg_cli.checkpoint import InputSpec
-from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, write_chips_index
+from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, label_stats, write_chips_index
 from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.labels import LabelSource, open_labels, resolve_classes
+from geoseg_cli.faults import gdal_write_errors
+from geoseg_cli.labels import LabelSource, resolve_classes
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
@@ -29,6 +31,7 @@ from geoseg_cli.raster import (
     open_raster,
     read_masked,
 )
+from geoseg_cli.sparse import open_tile_labels
 from geoseg_cli.splits import SPLITS, assign_splits
 from geoseg_cli.vector import is_vector_path
 
@@ -97,18 +100,13 @@ class TileSummary:
     split: str
     classes: list[str]
     class_counts: list[int]
+    sparse: bool = False
+    unlabelled: int = 0
+    coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (``geoseg tile --json``)."""
-        return {
-            "output": self.output,
-            "num_chips": self.num_chips,
-            "skipped": self.skipped,
-            "sampling": self.sampling,
-            "split": self.split,
-            "classes": self.classes,
-            "class_counts": self.class_counts,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -139,6 +137,7 @@ class _Options:
     max_nodata: float
     scale: float
     table: ClassTable
+    sparse: bool = False
 
 
 def _check_options(
@@ -205,21 +204,26 @@ def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> lis
     return infos
 
 
+@contextlib.contextmanager
 def _open_chip(
     path: Path, src: rasterio.DatasetReader, window: Window, **profile: Any
-) -> rasterio.io.DatasetWriter:
-    """Open a chip GeoTIFF for writing on ``window`` of ``src``'s grid."""
-    return rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=int(window.width),
-        height=int(window.height),
-        crs=src.crs,
-        transform=window_transform(window, src.transform),
-        compress="deflate",
-        **profile,
-    )
+) -> Iterator[rasterio.io.DatasetWriter]:
+    """Open a chip GeoTIFF for writing on ``window`` of ``src``'s grid (failures raised)."""
+    with (
+        gdal_write_errors(path),
+        rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=int(window.width),
+            height=int(window.height),
+            crs=src.crs,
+            transform=window_transform(window, src.transform),
+            compress="deflate",
+            **profile,
+        ) as dst,
+    ):
+        yield dst
 
 
 def _cut_source(
@@ -231,11 +235,11 @@ def _cut_source(
     out: Path,
     opts: _Options,
     bar: Any,
-) -> tuple[list[_Chip], int]:
-    """Write the chips of one image; return them and the number skipped for nodata."""
+) -> tuple[list[_Chip], int, int]:
+    """Write the chips of one image; return them and the windows skipped (nodata, no label)."""
     table = opts.table
     chips: list[_Chip] = []
-    skipped = empty = 0
+    skipped = empty = unlabelled = 0
     with open_raster(image.path) as src, labels.reader(table, src) as read_labels:
         for window in windows:
             if quota is None:  # grid: the bar counts windows; random: accepted chips
@@ -250,6 +254,9 @@ def _cut_source(
             ids = read_labels(window)
             ids[~valid] = table.ignore_index
             labelled = ids[ids != table.ignore_index]
+            if opts.sparse and not labelled.size:
+                unlabelled += 1
+                continue
             record = ChipRecord(
                 chip_id=f"{image.prefix}_{int(window.row_off):05d}_{int(window.col_off):05d}",
                 source=image.path,
@@ -278,7 +285,7 @@ def _cut_source(
                 bar.update()
                 if len(chips) == quota:
                     break
-    if not chips:
+    if not chips and not unlabelled:
         if empty == skipped and empty:
             raise InputError(
                 f"{image.path}: every pixel is nodata in {empty} window(s); nothing to tile "
@@ -292,7 +299,7 @@ def _cut_source(
         )
     elif quota is not None and len(chips) < quota:
         log.warning("%s: only %d of %d random chips found", image.path, len(chips), quota)
-    return chips, skipped
+    return chips, skipped, unlabelled
 
 
 def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float]]:
@@ -309,29 +316,16 @@ def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float
     return mean.tolist(), np.sqrt(m2 / max(n, 1)).tolist()
 
 
-def class_weights(counts: np.ndarray) -> tuple[list[float], list[float]]:
-    """Class frequencies and median-frequency weights (median / frequency; 0 if absent)."""
-    total = counts.sum()
-    freq = counts / total if total else np.zeros(len(counts))
-    present = freq > 0
-    weights = np.zeros(len(counts))
-    if present.any():
-        weights[present] = np.median(freq[present]) / freq[present]
-    return freq.tolist(), weights.tolist()
-
-
 def _write_index(
     out: Path,
     chips: list[_Chip],
     infos: list[_Image],
     opts: _Options,
     stride: int | None,
-) -> np.ndarray:
-    """Write manifest.csv and stats.json; return the train chips' class counts."""
+) -> ChipStats:
+    """Write manifest.csv and stats.json; return the statistics."""
     table = opts.table
-    train = [c for c in chips if c.record.split == "train"]
-    counts = np.sum([c.record.counts for c in train], axis=0).astype(np.int64)
-    frequencies, weights = class_weights(counts)
+    records = [c.record for c in chips]
     mean, std = _band_stats(chips, len(opts.bands))
     with open_raster(infos[0].path) as src:
         resolution, approximate = ground_resolution(src)
@@ -344,16 +338,14 @@ def _write_index(
         input=InputSpec(opts.bands, infos[0].dtype, opts.scale, mean, std, nodata, resolution),
         classes=table.classes,
         ignore_index=table.ignore_index,
-        class_counts=counts.tolist(),
-        class_frequencies=frequencies,
-        class_weights=weights,
         size=opts.size,
         stride=stride,
         crs=crs.to_wkt() if crs else None,
-        num_chips={"train": len(train), "val": len(chips) - len(train)},
+        sparse=opts.sparse,
+        **label_stats(records, len(table.classes)),
     )
-    write_chips_index(out, [c.record for c in chips], stats)
-    return counts
+    write_chips_index(out, records, stats)
+    return stats
 
 
 def tile(
@@ -374,6 +366,8 @@ def tile(
     seed: int = 0,
     ignore_index: int | None = None,
     scale: float | None = None,
+    sparse: bool = False,
+    buffer: float | None = None,
     overwrite: bool = False,
 ) -> TileSummary:
     """Cut images and labels into georeferenced chips with a manifest and statistics.
@@ -399,6 +393,11 @@ def tile(
         seed: Seed for random chips and the split.
         ignore_index: Label id for unlabelled pixels (default: the classes file's, or 255).
         scale: Raw-value factor (default: 1/255 uint8, 1/10000 other integers, 1 float).
+        sparse: The labels are sparse (points, scribbles): burn vector features with pixel
+            buffers and leave every other pixel ignore (:mod:`geoseg_cli.sparse`); skip
+            chips without a labelled pixel; record ``sparse`` and ``coverage``.
+        buffer: Buffer of sparse points and lines in pixels (default 2 for points, 1 for
+            lines).
         overwrite: Replace an existing output folder.
 
     Raises:
@@ -411,18 +410,14 @@ def tile(
     _check_options(images, labels, size, stride, count, max_nodata, val_fraction, split)
     check_output(outdir, overwrite)
     infos = _inspect_images(images, bidx, size)
-    sources = [open_labels(p, class_field, class_value) for p in labels]
-    if (class_field is not None or class_value is not None) and not any(
-        s.kind == "vector" for s in sources
-    ):
-        raise UsageError("--class-field/--class-value apply to vector labels only")
+    sources = open_tile_labels(labels, class_field, class_value, sparse, buffer)
     pairs = [(info, sources[i if len(sources) > 1 else 0]) for i, info in enumerate(infos)]
     for info, source in pairs:
         if source.kind != "vector":
             source.check_grid(info.path)
     table = resolve_classes(sources, classes, ignore_index)
     bands = list(infos[0].bands)
-    opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table)
+    opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table, sparse)
     mode = split or ("source" if len(images) > 1 else "random")
 
     rng = np.random.default_rng([seed, 0])
@@ -441,7 +436,7 @@ def tile(
         total = count
 
     chips: list[_Chip] = []
-    skipped = 0
+    skipped = unlabelled = 0
     with atomic_output(outdir, overwrite) as out:
         (out / IMAGES).mkdir(parents=True)
         (out / LABELS).mkdir()
@@ -451,18 +446,24 @@ def tile(
             ):
                 if quota == 0:
                     continue
-                new, n_skipped = _cut_source(index, info, source, windows, quota, out, opts, bar)
+                new, n_skipped, n_unlabelled = _cut_source(
+                    index, info, source, windows, quota, out, opts, bar
+                )
                 chips += new
                 skipped += n_skipped
+                unlabelled += n_unlabelled
         if not chips:
             raise InputError(
-                f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or check "
-                "the images' nodata"
+                f"no chip holds a labelled pixel ({unlabelled} windows without one): do the "
+                "sparse labels overlap the images (check their CRS)?"
+                if unlabelled
+                else f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or "
+                "check the images' nodata"
             )
         sources = [c.source for c in chips]
         assign_splits([c.record for c in chips], sources, len(infos), mode, val_fraction, seed)
-        counts = _write_index(out, chips, infos, opts, None if count else stride)
-    empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
+        stats = _write_index(out, chips, infos, opts, None if count else stride)
+    empty = [name for name, n in zip(table.names, stats.class_counts, strict=True) if n == 0]
     if empty:
         log.warning(
             "class(es) %s have no pixel in the chips (a stray label value, polygons outside "
@@ -470,22 +471,29 @@ def tile(
             "their 0 scores lower the mean: check the labels or give a classes file",
             ", ".join(empty),
         )
-    n_val = sum(c.record.split == "val" for c in chips)
+    n_val = stats.num_chips["val"]
     summary = TileSummary(
         output=str(outdir),
-        num_chips={"train": len(chips) - n_val, "val": n_val},
+        num_chips=stats.num_chips,
         skipped=skipped,
         sampling="grid" if count is None else "random",
         split=mode,
         classes=table.names,
-        class_counts=counts.tolist(),
+        class_counts=stats.class_counts,
+        sparse=sparse,
+        unlabelled=unlabelled,
+        coverage=stats.coverage,
     )
     log.info(
-        "wrote %d chips (%d train, %d val) to %s; skipped %d with too much nodata",
+        "wrote %d chips (%d train, %d val) to %s; skipped %d with too much nodata%s",
         len(chips),
         len(chips) - n_val,
         n_val,
         outdir,
         skipped,
+        f" and {unlabelled} without a labelled pixel; {100 * stats.coverage:.2f}% of the "
+        "train chips' pixels are labelled (sparse)"
+        if sparse
+        else "",
     )
     return summary

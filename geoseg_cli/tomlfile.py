@@ -11,6 +11,20 @@ from typing import Any
 from geoseg_cli.errors import GeosegError
 
 
+def _tomllib(source: str | os.PathLike, error: type[GeosegError]) -> Any:
+    """The TOML parser: tomllib, or tomli on Python 3.10."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as exc:
+            raise error(
+                f"{source}: reading TOML needs Python 3.11+ or `pip install tomli`"
+            ) from exc
+    return tomllib
+
+
 def read_toml(path: str | os.PathLike, error: type[GeosegError]) -> dict[str, Any]:
     """Parse a TOML file.
 
@@ -21,17 +35,26 @@ def read_toml(path: str | os.PathLike, error: type[GeosegError]) -> dict[str, An
     Raises:
         GeosegError: ``error`` with a one-line reason.
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as exc:
-            raise error(f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`") from exc
+    tomllib = _tomllib(path, error)
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: not valid TOML ({exc})") from exc
+
+
+def parse_toml_value(text: str, source: str, error: type[GeosegError]) -> Any:
+    """The value of a TOML literal (``0.3``, ``false``, ``[28, 28]``), else ``text`` itself.
+
+    Args:
+        text: The literal, e.g. the VALUE of a command-line ``KEY=VALUE``.
+        source: What the text came from, for the message of a missing tomllib.
+        error: The error raised for a missing tomllib.
+    """
+    tomllib = _tomllib(source, error)
+    try:
+        return tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def toml_value(value: Any) -> str:

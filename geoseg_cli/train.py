@@ -28,7 +28,7 @@ from geoseg_cli.checkpoint import (
 from geoseg_cli.chips import load_training_chips
 from geoseg_cli.data import ChipDataset, ceil_to_stride
 from geoseg_cli.distributed import Torchrun, barrier, process_group, resolve_device, torchrun_env
-from geoseg_cli.errors import CheckpointError, GeosegError, InputError, UsageError
+from geoseg_cli.errors import CheckpointError, GeosegError, InputError, Interrupted, UsageError
 from geoseg_cli.metrics import ConfusionMatrix, Metrics
 from geoseg_cli.optim import (
     amp_dtype,
@@ -40,7 +40,10 @@ from geoseg_cli.optim import (
 from geoseg_cli.progress import progress
 from geoseg_cli.run_state import (
     check_run_dir,
+    discard_unfinished,
+    kept_note,
     make_run_dir,
+    non_finite_message,
     plot_history,
     read_history,
     rng_state,
@@ -84,9 +87,10 @@ class TrainResult:
 
 
 class _NonFiniteLoss(Exception):
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float, chips: list[str]) -> None:
         super().__init__(value)
         self.value = value
+        self.chips = chips  # chips of the batch whose input is not finite
 
 
 class _Trainer:
@@ -99,7 +103,7 @@ class _Trainer:
         self.ctx = ctx
         self.device = device
         self.run_dir = config.output
-        self.stats, train_records, val_records = load_training_chips(config.chips_dir)
+        self.stats, train_records, val_records = load_training_chips(config.chips_dir, config.loss)
         if config.window > max(max(r.width, r.height) for r in train_records) and ctx.is_main:
             log.warning("window %d is larger than the chips: they are padded", config.window)
         self.class_names = [c.name for c in self.stats.classes]
@@ -112,6 +116,7 @@ class _Trainer:
             backbone=config.backbone,
             num_classes=len(self.class_names),
             in_channels=len(self.stats.input.bands),
+            options=dict(config.model_options),
         )
 
         self.train_set = ChipDataset(
@@ -174,6 +179,7 @@ class _Trainer:
         self.best_value: float | None = None
         self.history: list[dict[str, float]] = []
         self.net: nn.Module = self.model
+        self.config_saved = False
 
     def restore(self) -> None:
         """Load ``last.pt`` of the run folder (model, optimizer, scheduler, scaler, RNG)."""
@@ -263,7 +269,8 @@ class _Trainer:
             try:
                 train_loss = self._train_epoch(epoch)
             except _NonFiniteLoss as exc:
-                raise self._non_finite_error(epoch, exc.value) from None
+                message = non_finite_message(self.run_dir, epoch, self.step, exc.value, exc.chips)
+                raise GeosegError(message) from None
             metrics, val_loss = self._validate(epoch)
             seconds = time.perf_counter() - started
             record = self._record(epoch, train_loss, val_loss, metrics, seconds)
@@ -282,12 +289,12 @@ class _Trainer:
         self.net.train()
         total, batches = 0.0, 0
         bar = self._bar(self.train_loader, f"epoch {epoch + 1}/{self.config.epochs}")
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar):
             images, labels = self._to_device(images, labels)
             loss = forward_loss(self.net, self.criterion, images, labels, self.amp_dtype)
             value = self._all_ranks_finite(loss.detach())
             if not math.isfinite(value):
-                raise _NonFiniteLoss(value)
+                raise _NonFiniteLoss(value, self._non_finite_chips(batch, images))
             optimizer_step(loss, self.optimizer, self.scaler, self.scheduler)
             self.step += 1
             total += value
@@ -298,6 +305,15 @@ class _Trainer:
         if self.ctx.enabled:
             dist.all_reduce(mean)
         return float(mean[0] / mean[1])
+
+    def _non_finite_chips(self, batch: int, images: torch.Tensor) -> list[str]:
+        """Chip ids of the images of this rank's batch ``batch`` that are not all finite."""
+        bad = (~torch.isfinite(images)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        if not bad:
+            return []
+        order = list(self.sampler)  # this epoch's chip order on this rank
+        first = batch * self.config.batch_size
+        return [self.train_set.records[order[first + i]].chip_id for i in bad]
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> float:
         """This rank's loss value; NaN on every rank if any rank's loss is not finite."""
@@ -322,8 +338,8 @@ class _Trainer:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                logits = self.model(images)
-            loss_sum += float(self.criterion(logits.float(), labels).total) * len(labels)
+                logits = self.model(images).float()
+            loss_sum += float(self.criterion(logits, labels, images).total) * len(labels)
             pixels += len(labels)
             matrix.update(logits.argmax(1), labels)
         totals = torch.tensor([loss_sum, pixels], dtype=torch.float64, device=self.device)
@@ -377,6 +393,9 @@ class _Trainer:
         if improved:
             self.best_value = value
         scores = {"epoch": self.epoch, "step": self.step, "best_metric": self.best_value}
+        if not self.config_saved:  # with the first checkpoint: a run folder always has both
+            write_config_file(self.config, self.run_dir / "config.toml")
+            self.config_saved = True
         write_history(self.run_dir / "metrics.csv", self.history)
         if improved:
             save_checkpoint(self._checkpoint(scores), self.run_dir / "best.pt")
@@ -396,18 +415,6 @@ class _Trainer:
             f"mF1 {record['mf1']:.4f}, mIoU {record['miou']:.4f} "
             f"(best {self.config.best_metric} {best:.4f}){' *' if improved else ''} "
             f"[{record['seconds']:.1f} s]"
-        )
-
-    def _non_finite_error(self, epoch: int, value: float) -> GeosegError:
-        last = self.run_dir / "last.pt"
-        kept = (
-            f"{last} (epoch {epoch}) is kept; continue from it with --resume {self.run_dir}"
-            if last.is_file()
-            else "no checkpoint had been written yet"
-        )
-        return GeosegError(
-            f"training stopped: the loss became {value} at epoch {epoch + 1}, step "
-            f"{self.step + 1}; {kept} after lowering the LR (--lr), or try --loss ce or --no-amp"
         )
 
     def _dump_rank_weights(self) -> None:
@@ -442,16 +449,14 @@ def train(
 ) -> TrainResult:
     """Train a model on a chips folder; resumable, distributed under ``torchrun``.
 
-    Reads a ``geoseg tile`` folder and writes into the run folder ``config.toml`` (the
-    resolved configuration), ``metrics.csv`` (one row per epoch), ``best.pt`` (best
-    validation score), ``last.pt`` (full training state) and ``curves.png`` (with
-    matplotlib). ``resume`` restores the model, optimizer, LR scheduler, gradient scaler and
-    every rank's RNG states from ``last.pt``; the chip order comes from a sampler seeded by
-    (seed, epoch) and augmentations from generators seeded by (seed, epoch, chip), so epoch
-    N+1 after a resume is the epoch N+1 of an uninterrupted run. Under ``torchrun`` the model
-    is wrapped in DistributedDataParallel (NCCL on CUDA, gloo on CPU), training and
-    validation chips are sharded, ``batch_size`` is per process, and only rank 0 logs and
-    writes.
+    Reads a ``geoseg tile`` folder; from the first epoch on, writes ``config.toml``,
+    ``metrics.csv``, ``best.pt``, ``last.pt`` and ``curves.png`` into the run folder (a run
+    stopped before its first epoch leaves nothing). ``resume`` restores the model, optimizer,
+    scheduler, gradient scaler and every rank's RNG states from ``last.pt``; chip order and
+    augmentations are seeded by (seed, epoch[, chip]), so epoch N+1 after a resume is the
+    epoch N+1 of an uninterrupted run. Under ``torchrun`` the model is wrapped in
+    DistributedDataParallel (NCCL on CUDA, gloo on CPU), chips are sharded, ``batch_size``
+    is per process, and only rank 0 logs and writes.
 
     Args:
         config: The run (see :class:`TrainConfig`); ``config.output`` is the run folder.
@@ -466,6 +471,7 @@ def train(
     Raises:
         GeosegError: Bad chips folder, existing run, unusable checkpoint, or a loss that
             became NaN/inf (``last.pt`` of the previous epoch is kept).
+        Interrupted: Ctrl-C or SIGTERM; the message says what was kept.
     """
     config.validate()
     ctx = torchrun_env()
@@ -479,12 +485,16 @@ def train(
         trainer = _Trainer(config, ctx, device)
         check_run_dir(config.output, resume, config.overwrite)
         barrier(ctx)  # every rank has checked before rank 0 changes anything
-        if ctx.is_main:
-            make_run_dir(config.output, resume)
-        if resume:
-            trainer.restore()
-        else:
-            seed_everything(config.seed + ctx.rank)
-        if ctx.is_main:  # only once the run is known good: a refused resume changes nothing
-            write_config_file(config, config.output / "config.toml")
-        return trainer.run(on_epoch_end)
+        created = ctx.is_main and make_run_dir(config.output, resume)
+        try:
+            if resume:
+                trainer.restore()
+            else:
+                seed_everything(config.seed + ctx.rank)
+            return trainer.run(on_epoch_end)
+        except BaseException as exc:
+            if created:
+                discard_unfinished(config.output)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                raise Interrupted(kept_note(config.output, trainer.epoch)) from exc
+            raise

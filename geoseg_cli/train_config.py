@@ -1,4 +1,8 @@
-"""Training configuration: the paper's defaults, flat TOML files, and the resume rules."""
+"""Training configuration: the paper's defaults, TOML files, and the resume rules.
+
+``--config FILE.toml`` holds flat ``key = value`` pairs (the field names, dashes or
+underscores) and one table, ``[model_options]``, for the model's options.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,15 @@ from typing import Any
 from geoseg_cli.distributed import DEVICES
 from geoseg_cli.errors import UsageError
 from geoseg_cli.raster import atomic_output
-from geoseg_cli.tomlfile import read_toml, toml_value
-from models import BACKBONES, DEFAULT_BACKBONE, DEFAULT_MODEL, LOSS_KINDS, list_models
+from geoseg_cli.tomlfile import parse_toml_value, read_toml, toml_value
+from models import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    DEFAULT_MODEL,
+    LOSS_KINDS,
+    check_options,
+    list_models,
+)
 
 #: Paper's initial learning rate.
 DEFAULT_LR = 8.5e-5 / math.sqrt(2)
@@ -50,7 +61,8 @@ class TrainConfig:
         poly_power: Power of the polynomial decay over all steps.
         lr_step_epochs: Multiply the learning rate by ``lr_step_gamma`` every so many epochs.
         lr_step_gamma: That factor.
-        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted) or ``dice+ce``.
+        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted), ``dice+ce`` or
+            ``partial`` (sparse labels: CE on labelled pixels + entropy + smoothness).
         flips: Random horizontal and vertical flips (p = 0.5 each).
         rot90: Random rotations by multiples of 90°.
         best_metric: Validation score that selects ``best.pt``: miou, mf1 or oa.
@@ -60,6 +72,8 @@ class TrainConfig:
         workers: Data-loading worker processes.
         seed: Seed of initialisation, chip order, augmentations and SCG sampling.
         backbone_weights: Local torchvision-format ImageNet ResNet weights, or None.
+        model_options: Options of the variant's head (``models.model_options``), saved as
+            the checkpoint's ``model.options``, e.g. ``{"keep": 0.3}`` for cdgc.
         overwrite: Replace an existing run in ``output``.
     """
 
@@ -86,6 +100,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     backbone_weights: Path | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -147,6 +162,10 @@ class TrainConfig:
                 raise UsageError(
                     f"{name} {getattr(self, name)!r} is unknown; valid: {', '.join(valid)}"
                 )
+        try:
+            check_options(self.variant, self.model_options)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; see geoseg models --json") from exc
         if self.window < 16 or self.window % 16:
             raise UsageError(f"window {self.window} must be a multiple of 16 (e.g. 448)")
         positive = ("epochs", "batch_size", "lr", "lr_step_epochs", "lr_step_gamma")
@@ -175,6 +194,9 @@ def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
     elif kind in (str, Path):
         ok = isinstance(value, str | Path)
         value = kind(value) if ok else value
+    elif typing.get_origin(kind) is dict:
+        ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+        value = {k.replace("-", "_"): v for k, v in value.items()} if ok else value
     elif typing.get_origin(kind) is list:
         value = [value] if isinstance(value, str) else value
         ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
@@ -185,27 +207,54 @@ def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
     return value
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a flat TOML config file (keys are TrainConfig fields).
+#: The one TOML table a config file may hold.
+OPTIONS_TABLE = "model_options"
+
+
+def parse_model_option(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` of ``--model-option`` into a key and its TOML value (else text).
 
     Raises:
-        UsageError: Missing file, invalid TOML, or TOML tables (the config is flat).
+        UsageError: No ``=`` or no key.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise UsageError(f"--model-option {item!r} is not KEY=VALUE (e.g. keep=0.3)")
+    return key, parse_toml_value(text, "--model-option", UsageError)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML config file: TrainConfig fields and an optional ``[model_options]`` table.
+
+    Raises:
+        UsageError: Missing file, invalid TOML, or other TOML tables (the config is flat).
     """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such config file; check the --config path")
     data = read_toml(path, UsageError)
-    tables = [key for key, value in data.items() if isinstance(value, dict)]
+    tables = [k for k, v in data.items() if isinstance(v, dict) and k != OPTIONS_TABLE]
     if tables:
-        raise UsageError(f"{path}: the config is flat key = value pairs; remove tables {tables}")
+        raise UsageError(
+            f"{path}: the config is flat key = value pairs plus a [{OPTIONS_TABLE}] table; "
+            f"remove tables {tables}"
+        )
     return data
 
 
 def write_config_file(config: TrainConfig, path: str | os.PathLike) -> None:
-    """Save ``config`` as flat TOML (readable by :func:`read_config_file`), atomically."""
+    """Save ``config`` as TOML (readable by :func:`read_config_file`), atomically.
+
+    The model options, if any, go in a ``[model_options]`` table at the end.
+    """
     lines = ["# geoseg train configuration (resolved); reuse with --config", ""]
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_SAVED}
+    options = values.pop(OPTIONS_TABLE)
     lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    if options:
+        lines += ["", f"[{OPTIONS_TABLE}]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

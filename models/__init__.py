@@ -1,4 +1,4 @@
-"""SCG-Net and its variants (Liu et al., IJRS 2021) in pure PyTorch: geoseg's model library.
+"""SCG-Net and its variants (Liu et al., IJRS 2021), MSCG and CDGC heads: geoseg's model library.
 
 Example:
     >>> import torch
@@ -15,6 +15,7 @@ from models.backbone import (
     WeightsError,
     load_backbone_weights,
 )
+from models.cdgc import CDGCHead
 from models.inference import InferenceModel, InferencePart, mean_probabilities
 from models.losses import (
     LOSS_KINDS,
@@ -22,19 +23,24 @@ from models.losses import (
     SegmentationLoss,
     cross_entropy_loss,
     dice_loss,
+    ohem_cross_entropy,
 )
-from models.net import SCGHead, SCGNet, SegmentationOutput
+from models.mscg import MultiViewSCGHead
+from models.net import AuxiliaryLogits, SCGHead, SCGNet, SegmentationOutput
 from models.registry import (
     DEFAULT_MODEL,
+    HEADS,
     REFERENCE_BANDS,
     REFERENCE_CLASSES,
     VARIANTS,
     Variant,
+    check_options,
     count_parameters,
     create_model,
     describe_models,
     get_variant,
     list_models,
+    model_options,
 )
 from models.streaming import Dihedral, FeatureStream
 
@@ -42,16 +48,20 @@ __all__ = [
     "BACKBONES",
     "DEFAULT_BACKBONE",
     "DEFAULT_MODEL",
+    "HEADS",
     "LOSS_KINDS",
     "OUTPUT_STRIDE",
     "REFERENCE_BANDS",
     "REFERENCE_CLASSES",
     "VARIANTS",
+    "AuxiliaryLogits",
+    "CDGCHead",
     "Dihedral",
     "FeatureStream",
     "InferenceModel",
     "InferencePart",
     "LossOutput",
+    "MultiViewSCGHead",
     "ResNetTrunk",
     "SCGHead",
     "SCGNet",
@@ -59,6 +69,7 @@ __all__ = [
     "SegmentationOutput",
     "Variant",
     "WeightsError",
+    "check_options",
     "count_parameters",
     "create_model",
     "cross_entropy_loss",
@@ -68,4 +79,6 @@ __all__ = [
     "list_models",
     "load_backbone_weights",
     "mean_probabilities",
+    "model_options",
+    "ohem_cross_entropy",
 ]

@@ -1,11 +1,12 @@
-"""The SCG head and SCG-Net: backbone → SCG block → two graph layers → logits."""
+"""The SCG head and the network around every head: backbone → graph head → logits."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -23,35 +24,61 @@ HIDDEN_FEATURES = 128
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the variant registry (the paper's Table III).
+    """One registered model: a head kind and its settings.
 
     Attributes:
         name: Registry name.
-        scg: SCG block kind (``scg``, ``scgae`` or ``scgdir``).
-        gnn1: First (hidden) graph layer (``gcn`` or ``gin``).
-        gnn2: Second (output) graph layer (``gcn`` or ``gin``).
-        residual: Whether the SCG residual Ẑ is summed onto the GNN output.
+        head: Head kind, a key of :data:`models.registry.HEADS`.
+        scg: SCG block kind (``scg``, ``scgae`` or ``scgdir``); None for heads without one.
+        gnn1: First (hidden) graph layer (``gcn`` or ``gin``); None without an SCG block.
+        gnn2: Second (output) graph layer (``gcn`` or ``gin``); None without an SCG block.
+        residual: Whether the SCG residual Ẑ is summed onto the GNN output; None without an
+            SCG block.
     """
 
     name: str
-    scg: str
-    gnn1: str
-    gnn2: str
-    residual: bool
+    head: str = "scg"
+    scg: str | None = None
+    gnn1: str | None = None
+    gnn2: str | None = None
+    residual: bool | None = None
 
 
-class SegmentationOutput(NamedTuple):
-    """Training-mode output of :class:`SCGHead` and :class:`SCGNet`.
+class AuxiliaryLogits(NamedTuple):
+    """Extra class scores a head returns in training, scored with cross-entropy.
 
     Attributes:
         logits: B×c×H×W class scores (B×c×h×w from the head alone).
-        kl_loss: L_kl, a scalar (zero for variants without it, e.g. SCGae).
-        dl_loss: L_dl, a scalar.
+        weight: Weight of their cross-entropy in the total loss.
     """
 
     logits: torch.Tensor
-    kl_loss: torch.Tensor
-    dl_loss: torch.Tensor
+    weight: float
+
+
+class SegmentationOutput(NamedTuple):
+    """Training-mode output of the heads and of :class:`SCGNet`.
+
+    An SCG head fills ``logits``, ``kl_loss`` and ``dl_loss`` (paper eq. 15); other heads
+    may leave the SCG terms out and add auxiliary logits, a weight for the main term, or
+    OHEM for it (see :class:`models.losses.SegmentationLoss`).
+
+    Attributes:
+        logits: B×c×H×W class scores (B×c×h×w from the head alone), what eval returns.
+        kl_loss: L_kl, a scalar (zero for SCG kinds without it, e.g. SCGae); None for heads
+            without an SCG block.
+        dl_loss: L_dl, a scalar; None for heads without an SCG block.
+        auxiliary: Named extra logits, each scored with weighted cross-entropy.
+        weight: Weight of the segmentation term of ``logits``.
+        ohem: Score ``logits`` with OHEM cross-entropy instead of the chosen loss kind.
+    """
+
+    logits: torch.Tensor
+    kl_loss: torch.Tensor | None = None
+    dl_loss: torch.Tensor | None = None
+    auxiliary: Mapping[str, AuxiliaryLogits] = types.MappingProxyType({})
+    weight: float = 1.0
+    ohem: bool = False
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -64,23 +91,29 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _in_float32(
-    method: Callable[[SCGHead, torch.Tensor], T],
-) -> Callable[[SCGHead, torch.Tensor], T]:
+    method: Callable[..., T],
+) -> Callable[..., T]:
     """Run a head method in float32 with autocast off when autocast is on.
 
-    The adjacency Z·Zᵀ, γ and the logarithms are range-sensitive; without autocast the
-    method runs in the input's dtype.
+    The method takes a tensor first and any further arguments, passed on. Adjacencies,
+    softmaxes, γ and the logarithms are range-sensitive; without autocast the method runs
+    in the input's dtype.
     """
 
     @functools.wraps(method)
-    def wrapper(self: SCGHead, x: torch.Tensor) -> T:
+    def wrapper(self: nn.Module, x: torch.Tensor, *args: Any) -> T:
         device_type = x.device.type
         if _autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):
-                return method(self, x.float())
-        return method(self, x)
+                return method(self, x.float(), *args)
+        return method(self, x, *args)
 
     return wrapper
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of B×c×h×w logits to ``size``."""
+    return F.interpolate(logits, size, mode="bilinear", align_corners=False)
 
 
 class SCGHead(nn.Module):
@@ -107,6 +140,7 @@ class SCGHead(nn.Module):
         in_channels: int,
         num_classes: int,
         variant: Variant,
+        *,
         nodes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
@@ -151,34 +185,42 @@ class SCGHead(nn.Module):
             y = y + scg.residual
         logits = from_nodes(y, projected.shape[-2], projected.shape[-1])
         if self.nodes is not None:
-            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
+            logits = upsample(logits, (height, width))
         if not self.training:
             return logits
         zero = logits.new_zeros(())
         kl_loss = scg.kl_loss if scg.kl_loss is not None else zero
         return SegmentationOutput(logits, kl_loss, scg.dl_loss)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        """Logits of backbone features (``decode(project(features))``)."""
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | SegmentationOutput:
+        """``decode(project(features))``; ``labels`` are not used by the SCG heads."""
         return self.decode(self.project(features))
 
 
 class SCGNet(nn.Module):
-    """SCG-Net: ResNet trunk (stride 16) → :class:`SCGHead` → bilinear upsampling to H×W.
+    """ResNet trunk (stride 16) → graph head → bilinear upsampling to H×W.
 
-    ``forward(x)`` takes B×C×H×W (H, W multiples of 16 give one node per 16×16 pixels) and
-    returns logits B×c×H×W in eval mode — exactly one tensor — or a
-    :class:`SegmentationOutput` (logits, kl_loss, dl_loss) in training mode.
+    The head is an :class:`SCGHead` for SCG-Net's variants, or any head of the registry
+    with the same interface (``project``, ``decode``, ``projected_channels``,
+    ``num_classes``, ``forward(features, labels=None)``).
+
+    ``forward(x, labels=None)`` takes B×C×H×W (H, W multiples of 16 give one node per 16×16
+    pixels) and returns logits B×c×H×W in eval mode — exactly one tensor — or a
+    :class:`SegmentationOutput` in training mode, its logits and auxiliary logits
+    upsampled. ``labels`` (B×H×W) are passed on to the head; the SCG heads ignore them,
+    heads that sample their graph's nodes from the labels in training need them.
 
     Attributes:
         variant: The registry row this network was built from.
         num_classes: Number of output classes c.
         in_channels: Number of input bands C.
         backbone: The torchvision-named ResNet trunk.
-        head: The SCG head.
+        head: The graph head.
     """
 
-    def __init__(self, backbone: ResNetTrunk, head: SCGHead, variant: Variant) -> None:
+    def __init__(self, backbone: ResNetTrunk, head: nn.Module, variant: Variant) -> None:
         super().__init__()
         self.variant = variant
         self.num_classes = head.num_classes
@@ -186,11 +228,16 @@ class SCGNet(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | SegmentationOutput:
-        """Logits B×c×H×W of an input B×C×H×W (with the SCG losses in training mode)."""
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | SegmentationOutput:
+        """Logits B×c×H×W of an input B×C×H×W (with the head's terms in training mode)."""
         size = x.shape[-2:]
-        out = self.head(self.backbone(x))
-        if isinstance(out, SegmentationOutput):
-            logits = F.interpolate(out.logits, size, mode="bilinear", align_corners=False)
-            return out._replace(logits=logits)
-        return F.interpolate(out, size, mode="bilinear", align_corners=False)
+        out = self.head(self.backbone(x), labels)
+        if not isinstance(out, SegmentationOutput):
+            return upsample(out, size)
+        auxiliary = {
+            name: aux._replace(logits=upsample(aux.logits, size))
+            for name, aux in out.auxiliary.items()
+        }
+        return out._replace(logits=upsample(out.logits, size), auxiliary=auxiliary)

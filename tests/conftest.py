@@ -29,6 +29,10 @@ ALBERS_WKT = (
 )
 
 
+#: ``geoseg train`` arguments for a run that takes seconds on a CPU.
+TINY_TRAIN = ["--backbone", "resnet18", "--window", "32", "--workers", "0", "--device", "cpu"]
+
+
 def write_raster(
     path: Path,
     array: np.ndarray,
@@ -75,6 +79,21 @@ def synthetic_scene(
     image = palette[labels].transpose(2, 0, 1).astype(np.float64)
     image += rng.normal(0, 12, size=image.shape) * (1 + labels % 2)
     return np.clip(image, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Results are thread-count specific, and a busy 2-core machine runs small models many times
+    faster on one thread than on two.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -237,8 +256,9 @@ def save_tiny_checkpoint(
     dtype: str = "uint8",
     window: int = 32,
     seed: int = 0,
+    variant: str = "scg-gcn",
 ) -> Path:
-    """Save an untrained SCG-Net (scg-gcn, resnet18 backbone) as a geoseg checkpoint.
+    """Save an untrained model (``variant``, resnet18 backbone) as a geoseg checkpoint.
 
     Input scaling follows ``dtype`` (1/255 for uint8, 1/10000 otherwise); classes are named
     ``class_0``… with distinct colours.
@@ -255,9 +275,9 @@ def save_tiny_checkpoint(
     from models import create_model
 
     torch.manual_seed(seed)
-    model = create_model("scg-gcn", num_classes, in_channels, backbone="resnet18")
+    model = create_model(variant, num_classes, in_channels, backbone="resnet18")
     ckpt = Checkpoint(
-        model=ModelSpec("scg-gcn", "resnet18", num_classes, in_channels),
+        model=ModelSpec(variant, "resnet18", num_classes, in_channels),
         classes=[
             ClassInfo(f"class_{i}", (40 * i % 256, 255 - 40 * i % 256, 128))
             for i in range(num_classes)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from geoseg_cli.checkpoint import load_checkpoint
 from geoseg_cli.cli import cli
 from geoseg_cli.demo import DEMO_CLASSES, DEMO_CRS, IGNORE_INDEX, make_scene, scene_transform
+from geoseg_cli.train_config import read_config_file
 
 
 def test_scene_is_reproducible_and_has_every_class() -> None:
@@ -58,6 +59,22 @@ def test_tiny_demo_writes_every_promised_file(tmp_path: Path) -> None:
     assert [c.name for c in load_checkpoint(summary["outputs"]["checkpoint"]).classes] == [
         c.name for c in DEMO_CLASSES
     ]
+
+    # the run's config.toml names the demo's folders, not its temporary ones: it resumes
+    assert read_config_file(out / "run" / "config.toml")["chips_dir"] == str(
+        (out / "chips").absolute()
+    )
+    resumed = CliRunner().invoke(
+        cli, ["-q", "train", "--resume", str(out / "run"), "--epochs", "2"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(out / "run" / "last.pt").training["epoch"] == 2
+
+    # info describes the backbone graph export wrote beside the model as a part of it
+    backbone = Path(summary["outputs"]["onnx"]).with_suffix(".backbone.onnx")
+    shown = CliRunner().invoke(cli, ["info", str(backbone)])
+    assert shown.exit_code == 0, shown.output
+    assert f"the backbone graph of {Path(summary['outputs']['onnx']).name}" in shown.output
     props = {p.key for p in onnx.load(summary["outputs"]["onnx"]).metadata_props}
     assert {"geoseg", "model_type", "class_names"} <= props
     with open(summary["outputs"]["quicklook"], "rb") as f:

@@ -12,10 +12,10 @@ from models import Dihedral, FeatureStream, InferenceModel, create_model
 torch.set_num_threads(2)
 
 
-def _inference_model(backbone: str, fuse: bool = True) -> InferenceModel:
-    """An untrained SCG-Net (4 bands) with non-trivial BatchNorm statistics, for inference."""
+def _inference_model(backbone: str, fuse: bool = True, variant: str = "scg-gcn") -> InferenceModel:
+    """An untrained network (4 bands) with non-trivial BatchNorm statistics, for inference."""
     torch.manual_seed(0)
-    model = create_model("scg-gcn", 3, 4, backbone=backbone)
+    model = create_model(variant, 3, 4, backbone=backbone)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
@@ -39,14 +39,18 @@ def _streamed(module: InferenceModel, view, image: np.ndarray, runs: list[int]) 
     return torch.cat(out, dim=2)[0].numpy()
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-def test_streams_give_one_pass_in_every_view_however_rows_are_split(backbone):
+@pytest.mark.parametrize(
+    ("variant", "backbone"),
+    [("scg-gcn", "resnet18"), ("scg-gcn", "resnet50"), ("cdgc", "resnet18")],
+)
+def test_streams_give_one_pass_in_every_view_however_rows_are_split(variant, backbone):
     """All eight dihedral views on a non-square area (rotations swap its sides).
 
     The stream's features equal the view's pass over the whole area mapped back, fed in runs of
-    16 rows, in uneven runs (one of them empty) or all at once.
+    16 rows, in uneven runs (one of them empty) or all at once. cdgc's projection (reduction
+    with BN and ReLU, coarse classifier, φ, φ′) is per position too.
     """
-    module = _inference_model(backbone)
+    module = _inference_model(backbone, variant=variant)
     image = np.random.default_rng(1).random((4, 64, 96), dtype=np.float32)
     for view in tta_views("d4"):
         with torch.inference_mode():

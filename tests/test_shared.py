@@ -235,12 +235,14 @@ def _kept_per_band(source: Path, grid: Grid) -> list[list[int]]:
     return [k for k in kept if k]
 
 
-def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_path):
+@pytest.mark.parametrize("variant", ["scg-gcn", "mscg-gcn", "cdgc"])
+def test_shared_predictor_matches_window_engine_where_a_tile_is_a_window(tmp_path, variant):
     """Windows that coincide with a tile get the window engine's probabilities.
 
-    The real SCG-Net, tiles exactly one window wide (no halo), every TTA view.
+    The real networks, tiles exactly one window wide (no halo), every TTA view.
     """
-    engine = TorchRuntime(save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3), "cpu")
+    path = save_tiny_checkpoint(tmp_path / "m.pt", window=32, seed=3, variant=variant)
+    engine = TorchRuntime(path, "cpu")
     rng = np.random.default_rng(0)
     image = rng.random((3, 70, 100), dtype=np.float32)
 

@@ -12,7 +12,7 @@ import click
 
 from geoseg_cli import __version__
 from geoseg_cli.allocator import keep_freed_memory
-from geoseg_cli.errors import GeosegError, UsageError
+from geoseg_cli.errors import GeosegError, Interrupted, UsageError
 from geoseg_cli.progress import ProgressLogHandler
 
 log = logging.getLogger("geoseg_cli")
@@ -21,7 +21,12 @@ log = logging.getLogger("geoseg_cli")
 COMMANDS = {
     "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
     "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
+    "pseudolabel": (
+        "geoseg_cli.cli.pseudolabel:pseudolabel",
+        "Complete sparse label chips by graph propagation.",
+    ),
     "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
+    "cluster": ("geoseg_cli.cli.cluster:cluster", "Cluster a scene without labels (SGSeg)."),
     "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),
     "evaluate": ("geoseg_cli.cli.evaluate:evaluate", "Score a class map against labels."),
     "info": ("geoseg_cli.cli.info:info", "Show what a checkpoint or ONNX model contains."),
@@ -81,10 +86,19 @@ class GeosegGroup(click.Group):
             formatter.write_dl([(name, help_) for name, (_, help_) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
-        """Run the command; library errors become one-line click errors."""
+        """Run the command; library errors become one-line click errors.
+
+        Ctrl-C and SIGTERM exit with 128 + the signal number (130, 143), as a shell reports.
+        """
         # SIGTERM (kill, a job scheduler's time limit) cleans up as Ctrl-C does
+        received = [signal.SIGINT]
+
+        def terminate(signum: int, frame: object) -> None:
+            received[0] = signal.Signals(signum)
+            raise KeyboardInterrupt
+
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+        previous = signal.signal(signal.SIGTERM, terminate) if main else None
         try:
             return super().invoke(ctx)
         except GeosegError as exc:
@@ -92,9 +106,12 @@ class GeosegGroup(click.Group):
             if isinstance(exc, UsageError):
                 raise click.UsageError(str(exc)) from None
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             log.debug("traceback:", exc_info=True)
-            raise click.ClickException("interrupted; no partial output was kept") from None
+            kept = str(exc) if isinstance(exc, Interrupted) else "no partial output was kept"
+            error = click.ClickException(f"interrupted; {kept}")
+            error.exit_code = 128 + received[0]
+            raise error from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
@@ -106,10 +123,6 @@ class GeosegGroup(click.Group):
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,6 +10,7 @@ import click
 from geoseg_cli.cli.options import class_field_opt, class_value_opt, json_opt
 from geoseg_cli.evaluate import evaluate as run_evaluation
 from geoseg_cli.evaluate import resolve_classes
+from geoseg_cli.matching import MATCH_METHODS
 
 
 @click.command()
@@ -45,6 +46,14 @@ from geoseg_cli.evaluate import resolve_classes
     metavar="NAME",
     help="Class (name or id) left out of mF1 and mIoU, repeatable (ISPRS: clutter).",
 )
+@click.option(
+    "--match",
+    type=click.Choice(MATCH_METHODS),
+    default=None,
+    help="PRED is a cluster map (geoseg cluster): match each cluster to at most one class "
+    "(Hungarian assignment, most matched pixels) before scoring; unmatched clusters count "
+    "as errors. [default: score PRED's ids as they are]",
+)
 @class_field_opt
 @class_value_opt
 @json_opt
@@ -71,6 +80,7 @@ def evaluate(
       geoseg evaluate pred.tif gt.tif --classes isprs --boundary-erosion 3 \\
           --exclude-from-mean clutter --json
       geoseg evaluate pred.tif buildings.geojson --classes run/best.pt
+      geoseg evaluate clusters.tif labels.tif --match hungarian
     """
     spec = resolve_classes(classes, ignore_index) if classes is not None else None
     if ignore_index is not None:

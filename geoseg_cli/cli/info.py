@@ -34,6 +34,12 @@ def _jsonable(value: Any) -> Any:
 
 def format_description(path: Path, d: dict[str, Any]) -> str:
     """Human-readable summary of :func:`describe_model_file`'s result."""
+    if "part" in d:
+        part = (
+            f"part        the {d['part']} graph of {d['part_of']} (geoseg predict -m "
+            f"{d['part_of']} runs it; on its own it has no classes or input scaling)"
+        )
+        return "\n".join([f"model       {path}", part, *_onnx_lines(d)])
     model, inp = d["model"], d["input"]
     lines = [
         f"model       {path}",
@@ -56,18 +62,26 @@ def format_description(path: Path, d: dict[str, Any]) -> str:
         best = f"{best:.4g}" if isinstance(best, float) else best
         lines.append(f"training    epoch {t['epoch']}, step {t['step']}, best metric {best}")
     if "onnx" in d:
-        o = d["onnx"]
-        graph = " → ".join(
-            ", ".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in o[key])
-            for key in ("inputs", "outputs")
-        )
-        lines += [
-            f"onnx        opset {o['opset']}, {d.get('precision', 'fp32')}, {graph}",
-            f"            recommended stride {d.get('recommended_stride')}, "
-            f"resolution {d.get('resolution_cm')} cm/px, {o['size_bytes'] / 1e6:.1f} MB",
-        ]
+        lines += _onnx_lines(d)
     lines.append(f"format      {d['format_version']} (geoseg {d['geoseg_version']})")
     return "\n".join(lines)
+
+
+def _onnx_lines(d: dict[str, Any]) -> list[str]:
+    """The graph (opset, inputs → outputs, size) and export details of an ONNX model."""
+    o = d["onnx"]
+    graph = " → ".join(
+        ", ".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in o[key])
+        for key in ("inputs", "outputs")
+    )
+    size = f"{o['size_bytes'] / 1e6:.1f} MB"
+    if "part" in d:
+        return [f"onnx        opset {o['opset']}, {graph}, {size}"]
+    return [
+        f"onnx        opset {o['opset']}, {d.get('precision', 'fp32')}, {graph}",
+        f"            recommended stride {d.get('recommended_stride')}, "
+        f"resolution {d.get('resolution_cm')} cm/px, {size}",
+    ]
 
 
 def _floats(values: list[float]) -> str:

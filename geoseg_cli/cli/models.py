@@ -1,4 +1,4 @@
-"""``geoseg models``: the registered SCG-Net variants and their sizes."""
+"""``geoseg models``: the registered model variants and their sizes."""
 
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ from models import (
 )
 @json_opt
 def models(num_classes: int, bands: int, backbone: str, as_json: bool) -> None:
-    """List the SCG-Net variants (paper Table III) with their parameter counts.
+    """List the model variants with their parameter counts.
+
+    SCG-Net's (paper Table III), mscg-gcn (MSCG-Net's three views) and cdgc (class-wise
+    dynamic graph convolution).
 
     \b
     Examples:
@@ -52,14 +55,16 @@ def models(num_classes: int, bands: int, backbone: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("name", "SCG", "GNN1", "GNN2", "residual", "parameters")
+    header = ("name", "head", "SCG", "GNN1", "GNN2", "residual", "parameters")
+    residual = {True: "yes", False: "no", None: "-"}
     table = [
         (
             row["name"] + (" (default)" if row["default"] else ""),
-            row["scg"],
-            row["gnn1"],
-            row["gnn2"],
-            "yes" if row["residual"] else "no",
+            row["head"],
+            row["scg"] or "-",
+            row["gnn1"] or "-",
+            row["gnn2"] or "-",
+            residual[row["residual"]],
             f"{row['parameters']:,}",
         )
         for row in rows

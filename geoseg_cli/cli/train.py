@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,45 @@ from geoseg_cli.cli.options import device_opt, overwrite_opt
 from geoseg_cli.distributed import torchrun_env
 from geoseg_cli.errors import UsageError
 from geoseg_cli.train import train as run_training
-from geoseg_cli.train_config import BEST_METRICS, TrainConfig, read_config_file, resume_config
-from models import BACKBONES, LOSS_KINDS
+from geoseg_cli.train_config import (
+    BEST_METRICS,
+    OPTIONS_TABLE,
+    TrainConfig,
+    parse_model_option,
+    read_config_file,
+    resume_config,
+)
+from models import BACKBONES, LOSS_KINDS, VARIANTS, model_options
 
 log = logging.getLogger(__name__)
+
+
+def _options_help() -> str:
+    """The variants' options with their defaults, for ``--model-option``'s help."""
+    groups: dict[str, list[str]] = {}
+    for name in VARIANTS:
+        options = model_options(name)
+        listed = ", ".join(
+            f"{key}={'unset' if value is None else json.dumps(value)}"
+            for key, value in options.items()
+        )
+        groups.setdefault(listed, []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: len(item[1]))
+    parts = [f"{', '.join(names)}: {listed}" for listed, names in ordered[:-1]]
+    parts.append(f"the other variants: {ordered[-1][0]}")
+    return "Defaults: " + "; ".join(parts) + "."
+
+
+_OPTIONS_HELP = _options_help()
+
+
+def _parse_model_options(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, Any]:
+    try:
+        return dict(parse_model_option(item) for item in values)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @click.command()
@@ -72,7 +108,11 @@ log = logging.getLogger(__name__)
     default=TrainConfig.loss,
     show_default=True,
     help="dice is the paper's (Dice + L_kl + L_dl); ce uses the class weights of "
-    "stats.json; dice+ce sums both. The SCG terms are always added.",
+    "stats.json; dice+ce sums both; partial is for sparse labels (geoseg tile --sparse): "
+    "class-weighted CE on the labelled pixels + entropy of the unlabelled ones + colour "
+    "smoothness. The SCG terms are always added. cdgc scores its refined "
+    "logits with OHEM cross-entropy instead and adds its coarse and auxiliary "
+    "cross-entropies (weights: --model-option).",
 )
 @click.option(
     "--rot90/--no-rot90", default=TrainConfig.rot90, show_default=True, help="Random 90° turns."
@@ -118,6 +158,16 @@ log = logging.getLogger(__name__)
     ),
 )
 @click.option(
+    "--model-option",
+    "model_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_parse_model_options,
+    help="Option of the variant's head (repeatable; VALUE as in TOML; saved in the "
+    f"checkpoint; also a [{OPTIONS_TABLE}] table in --config), e.g. --model-option "
+    f"dynamic_sampling=false. {_OPTIONS_HELP}",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -150,8 +200,10 @@ def train(
     Examples:
       geoseg train chips/ -o runs/exp1
       geoseg train chips/ -o runs/cpu --backbone resnet18 --window 224 --epochs 5
+      geoseg train chips/ -o runs/cdgc --variant cdgc --model-option keep=0.3
       geoseg train --config exp.toml -o runs/exp2 --lr 1e-4
       geoseg train --resume runs/exp1 --epochs 80
+      geoseg train sparse_chips/ -o runs/points --loss partial
       torchrun --nproc_per_node=4 -m geoseg_cli train chips/ -o runs/ddp
     """
     flags = {
@@ -161,7 +213,10 @@ def train(
     }
     if "exclude_from_mean" in flags:
         flags["exclude_from_mean"] = list(flags["exclude_from_mean"])
-    settings = {**(read_config_file(config_file) if config_file else {}), **flags}
+    settings = read_config_file(config_file) if config_file else {}
+    if "model_options" in flags:  # per key: a flag overrides the file's table
+        flags["model_options"] = {**settings.get(OPTIONS_TABLE, {}), **flags["model_options"]}
+    settings = {**settings, **flags}
     if chips_dir is not None:
         settings["chips_dir"] = chips_dir
     if resume is not None:

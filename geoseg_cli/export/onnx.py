@@ -28,7 +28,11 @@ from geoseg_cli.export.metadata import (
     warn_about_clients,
 )
 from geoseg_cli.export.parity import float32_error, parity, split_parity
-from geoseg_cli.inference.onnx_runtime import GEOSEG_METADATA_KEY, import_onnx_dependency
+from geoseg_cli.inference.onnx_runtime import (
+    GEOSEG_METADATA_KEY,
+    GEOSEG_PART_KEY,
+    import_onnx_dependency,
+)
 from geoseg_cli.raster import atomic_output, check_output
 from models import OUTPUT_STRIDE, InferenceModel, InferencePart
 
@@ -218,7 +222,7 @@ def export_onnx(
                 part = for_old_runtimes(convert(part, kept, workdir, calibrate, window))
                 del part.metadata_props[:]
                 onnx.helper.set_model_props(
-                    part, {"geoseg_part": json.dumps({"part": name, "model": Path(output).name})}
+                    part, {GEOSEG_PART_KEY: json.dumps({"part": name, "model": Path(output).name})}
                 )
                 onnx.checker.check_model(part)
                 onnx.save_model(part, part_tmp, save_as_external_data=False)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: Metadata key that holds geoseg's own model description (a JSON object).
 GEOSEG_METADATA_KEY = "geoseg"
+#: Metadata key of the backbone and head graphs export writes beside a model: which part of
+#: which model file they are.
+GEOSEG_PART_KEY = "geoseg_part"
 
 #: ONNX Runtime log severity: 3 = errors only (no provider-fallback warnings).
 _ORT_LOG_ERRORS_ONLY = 3
@@ -167,8 +170,15 @@ def read_geoseg_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> d
     """The decoded ``geoseg`` metadata object of an ONNX model.
 
     Raises:
-        CheckpointError: The key is missing (a foreign ONNX file) or is not a JSON object.
+        CheckpointError: The key is missing (a foreign ONNX file or a part graph) or is not
+            a JSON object.
     """
+    part = _part_of(metadata)
+    if part:
+        raise CheckpointError(
+            f"{path} is the {part['part']} graph of {part['model']}, not a model on its own; "
+            f"give {Path(path).with_name(part['model'])} (it runs the parts beside it)"
+        )
     if GEOSEG_METADATA_KEY not in metadata:
         raise CheckpointError(
             f"{path}: ONNX model has no geoseg metadata; export it with "
@@ -365,7 +375,9 @@ def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
     """What ``geoseg info model.onnx`` shows.
 
     The geoseg description plus the graph's opset, inputs, outputs and the Deepness/GeoDeep
-    metadata keys, read from the file's header (neither ``onnx`` nor a session is needed).
+    metadata keys; for a backbone or head graph export wrote beside a model, which part of
+    which model it is and the graph. Read from the file's header: neither ``onnx`` nor a
+    session is needed.
 
     Raises:
         CheckpointError: The file is not a readable ONNX model or has no geoseg metadata.
@@ -381,11 +393,7 @@ def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
             "use a file written by geoseg export onnx"
         ) from exc
     metadata = header["metadata"]
-    geoseg = read_geoseg_metadata(path, metadata)
-    info = ModelInfo.from_dict(geoseg, path)
-    description = info.describe()
-    description.update({k: v for k, v in geoseg.items() if k not in description})
-    description["onnx"] = {
+    graph = {
         "opset": header["opset"],
         "inputs": header["inputs"],
         "outputs": header["outputs"],
@@ -393,4 +401,23 @@ def describe_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "size_bytes": path.stat().st_size,
         "sha256": file_hash(path),
     }
+    part = _part_of(metadata)
+    if part:
+        return {"part": part["part"], "part_of": part["model"], "onnx": graph}
+    geoseg = read_geoseg_metadata(path, metadata)
+    info = ModelInfo.from_dict(geoseg, path)
+    description = info.describe()
+    description.update({k: v for k, v in geoseg.items() if k not in description})
+    description["onnx"] = graph
     return description
+
+
+def _part_of(metadata: dict[str, str]) -> dict[str, str] | None:
+    """``{"part": "backbone" or "head", "model": file name}`` of a part graph, else None."""
+    try:
+        part = json.loads(metadata.get(GEOSEG_PART_KEY, "null"))
+    except json.JSONDecodeError:
+        return None
+    if isinstance(part, dict) and {"part", "model"} <= part.keys():
+        return {"part": str(part["part"]), "model": str(part["model"])}
+    return None

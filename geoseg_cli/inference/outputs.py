@@ -17,6 +17,7 @@ from rasterio.windows import Window
 from geoseg_cli import __version__
 from geoseg_cli.checkpoint import ModelInfo
 from geoseg_cli.errors import OutputError, UsageError
+from geoseg_cli.faults import gdal_write_errors
 from geoseg_cli.inference.plan import Plan
 from geoseg_cli.raster import check_creation_options, check_output, output_profile
 from geoseg_cli.vector import check_writable
@@ -182,11 +183,18 @@ class RowWriter:
         if not self.filled:
             return
         window = Window(0, self.top, self.dst.width, self.filled)
-        self.dst.write(self.buffer[:, : self.filled], window=window)
-        if self.valid is not None:
-            self.dst.write_mask(self.valid[: self.filled], window=window)
+        with gdal_write_errors(self.dst.name):
+            self.dst.write(self.buffer[:, : self.filled], window=window)
+            if self.valid is not None:
+                self.dst.write_mask(self.valid[: self.filled], window=window)
         self.top += self.filled
         self.filled = 0
+
+    def close(self) -> None:
+        """Write the buffered rows and close the file (GDAL writes its cached blocks)."""
+        self.flush()
+        with gdal_write_errors(self.dst.name):
+            self.dst.close()
 
 
 @contextlib.contextmanager
@@ -239,11 +247,12 @@ def open_writers(
             writers.append(RowWriter(prob_dst, with_mask=True))
         yield writers
         for writer in writers:
-            writer.flush()
+            writer.close()
 
 
 def to_cog(source: Path, target: Path, resampling: str, creation_options: dict[str, str]) -> None:
     """Copy a GeoTIFF to a Cloud-Optimized GeoTIFF with overviews (GDAL's COG driver)."""
     options = {"COMPRESS": "DEFLATE", "BIGTIFF": "IF_SAFER", "OVERVIEW_RESAMPLING": resampling}
     options.update({key.upper(): value for key, value in creation_options.items()})
-    rasterio.shutil.copy(source, target, driver="COG", **options)
+    with gdal_write_errors(target):
+        rasterio.shutil.copy(source, target, driver="COG", **options)

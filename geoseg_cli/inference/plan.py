@@ -104,6 +104,8 @@ class Plan:
         num_classes: Model classes.
         probabilities: Probability output type, or None.
         tta: TTA set name, or None.
+        fill: Per band, the model input (scaled units) that replaces values that are not
+            finite: the training mean, 0 once standardized (empty: 0).
     """
 
     grid: Grid
@@ -116,12 +118,29 @@ class Plan:
     num_classes: int
     probabilities: str | None
     tta: str | None
+    fill: tuple[float, ...] = ()
 
     @property
     def padded_width(self) -> int:
         """Width of a row band, padding included."""
         left, right = self.grid.padded_cols
         return right - left
+
+    def model_input(self, raw: np.ndarray) -> np.ndarray:
+        """Scaled float32 model input of raw bands (C×…), with NaN and ±inf filled.
+
+        Such pixels are nodata and never predicted, but a window holding one still feeds it
+        to the network, where it would spread over the whole window: it becomes
+        :attr:`fill`, a neutral value.
+        """
+        scaled = np.multiply(raw, self.scale, dtype=np.float32)
+        if raw.dtype.kind == "f":
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                fill = np.asarray(self.fill or 0.0, dtype=np.float32)
+                fill = np.broadcast_to(fill.reshape(-1, *[1] * (raw.ndim - 1)), raw.shape)
+                np.copyto(scaled, fill, where=bad)
+        return scaled
 
     def memory_bytes(self) -> int:
         """Working memory of reading, blending and writing (engines add their own)."""
@@ -248,4 +267,5 @@ def make_plan(
         num_classes=info.model.num_classes,
         probabilities=options.probabilities,
         tta=options.tta,
+        fill=tuple(info.input.mean),
     )

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 import rasterio
+from rasterio.windows import Window
 
 from geoseg_cli.errors import InputError
 from geoseg_cli.inference.background import ReadAhead, WriteBehind
@@ -376,6 +377,17 @@ def _gdal_cache(src: rasterio.DatasetReader, plan: Plan, source_rows: int) -> in
     return max(_MIN_GDAL_CACHE, 2 * (source_rows + 2 * block_rows) * row_bytes)
 
 
+def _non_finite(src: rasterio.DatasetReader, region: Window, row: int, col: int) -> InputError:
+    """The error for a window whose probabilities are NaN or infinite."""
+    top, left = max(0, int(region.row_off) + row), max(0, int(region.col_off) + col)
+    return InputError(
+        f"{src.name}: the model returned NaN/inf probabilities for the window at row {top}, "
+        f"column {left}, whose finite input is far outside what the model was trained on "
+        "(e.g. a fill value such as -3.4e38): mark such values nodata with --nodata VALUE or "
+        "gdal_edit -a_nodata, or rescale the raster"
+    )
+
+
 def _stream(
     src: rasterio.DatasetReader,
     plan: Plan,
@@ -386,7 +398,7 @@ def _stream(
 
     The next band is read, and finished rows are written, on background threads.
     """
-    grid = plan.grid
+    grid, region = plan.grid, plan.region
     t, s, k = grid.window, grid.stride, plan.num_classes
     height, width = grid.height, grid.width
     rows, cols = grid.row_starts, grid.col_starts
@@ -409,6 +421,8 @@ def _stream(
             band, band_valid, kept = bands.get(b)
             # The step sees every band, in order, even one without windows to predict.
             for c, probs in zip(kept, predictor(band, [c - pad_lo for c in kept]), strict=True):
+                if not np.isfinite(probs).all():
+                    raise _non_finite(src, region, r, c)
                 x0, x1 = max(0, c), min(width, c + t)
                 part = np.multiply(
                     probs[:, :, x0 - c : x1 - c],

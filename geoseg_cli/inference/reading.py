@@ -9,6 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geoseg_cli.faults import read_errors
 from geoseg_cli.inference.plan import Plan
 from geoseg_cli.inference.shared import RegionReader
 from geoseg_cli.inference.windows import reflect_indices
@@ -28,9 +29,9 @@ def region_reader(src: rasterio.DatasetReader, plan: Plan) -> RegionReader:
         col_idx = reflect_indices(left + cols[0], left + cols[1], src.width)
         r0, c0 = int(row_idx.min()), int(col_idx.min())
         window = Window(c0, r0, int(col_idx.max()) + 1 - c0, int(row_idx.max()) + 1 - r0)
-        with _READ_LOCK:
+        with _READ_LOCK, read_errors(src):
             data = src.read(list(plan.bands), window=window)
-        return np.multiply(data[:, row_idx - r0][:, :, col_idx - c0], plan.scale, dtype=np.float32)
+        return plan.model_input(data[:, row_idx - r0][:, :, col_idx - c0])
 
     return read
 
@@ -42,7 +43,8 @@ def read_valid(
     with _READ_LOCK:
         if plan.nodata is None:
             return read_masked(src, window, list(plan.bands))
-        data = src.read(list(plan.bands), window=window)
+        with read_errors(src):
+            data = src.read(list(plan.bands), window=window)
     return data, nodata_valid(data, plan.nodata)
 
 
@@ -78,9 +80,7 @@ def band_loader(
         kept = [int(c) for c in grid.col_starts if has_data[max(0, c) : c + t].any()]
         band = None
         if kept and needs_band:
-            band = np.multiply(
-                data[:, row_idx - read_r0][:, :, col_idx], plan.scale, dtype=np.float32
-            )
+            band = plan.model_input(data[:, row_idx - read_r0][:, :, col_idx])
         return band, band_valid, kept
 
     return load
