@@ -22,6 +22,7 @@ from shapely.errors import GEOSException
 
 from geoseg_cli.classes import ClassInfo, ClassTable, default_color, load_classes, rgb_code
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.image_inputs import ImageBands, unscored_under_data
 from geoseg_cli.raster import (
     crs_name,
     describe_grid,
@@ -144,8 +145,13 @@ class RasterLabels:
         uniq, n = np.unique(values, return_counts=True)
         return {int(v): int(k) for v, k in zip(uniq, n, strict=True)}
 
-    def validate(self, table: ClassTable) -> None:
-        """Refuse raw values or colours that the class table does not know."""
+    def validate(self, table: ClassTable, image: ImageBands | None = None) -> None:
+        """Refuse raw values or colours that the class table does not know.
+
+        Args:
+            table: The classes.
+            image: The image on the labels' grid (unscored pixels count where it has data).
+        """
         counts = self.counts()
         if self.palette:
             unknown = table.unknown_colors(counts)
@@ -159,13 +165,13 @@ class RasterLabels:
                 )
         else:
             claimed = any(c.value == table.ignore_index for c in table.classes)
+            pixels, masked = sum(counts.values()) + self._masked, self._masked
+            ignored = 0 if claimed else counts.get(table.ignore_index, 0)
+            if image is not None and (masked or ignored):
+                ignore = None if claimed else table.ignore_index
+                pixels, masked, ignored = unscored_under_data(self.path, image, ignore)
             warn_unscored_labels(
-                self.path,
-                sum(counts.values()) + self._masked,
-                self._masked,
-                self.nodata,
-                0 if claimed else counts.get(table.ignore_index, 0),
-                table.ignore_index,
+                self.path, pixels, masked, self.nodata, ignored, table.ignore_index
             )
             unknown = table.unknown_values(counts)
             if unknown:
@@ -404,7 +410,10 @@ def open_labels(
 
 
 def resolve_classes(
-    sources: list[LabelSource], classes: str | os.PathLike | None, ignore_index: int | None
+    sources: list[LabelSource],
+    classes: str | os.PathLike | None,
+    ignore_index: int | None,
+    images: list[ImageBands] | None = None,
 ) -> ClassTable:
     """The class table for a set of label sources, validated against every source.
 
@@ -412,7 +421,8 @@ def resolve_classes(
     it. Without, classes are inferred: numbers 0..max found become ``class_0``..``class_N``
     (class 0 is ``background`` when polygons are involved, as pixels no polygon covers are
     class 0); class names from a vector attribute become ``background`` (0) followed by the
-    sorted names. RGB label rasters always need a classes file.
+    sorted names. RGB label rasters always need a classes file. With ``images`` (the image
+    each source labels), unscored label pixels are only reported where the image has data.
 
     Raises:
         InputError: A label does not fit the classes.
@@ -423,8 +433,11 @@ def resolve_classes(
         table = load_classes(classes, ignore_index, require_colors=palette)
     else:
         table = _infer_classes(sources, 255 if ignore_index is None else ignore_index)
-    for source in sources:
-        source.validate(table)
+    for i, source in enumerate(sources):
+        if source.kind == "index" and images is not None:
+            source.validate(table, images[i])
+        else:
+            source.validate(table)
     log.info(
         "classes (%s): %s; ignore index %d",
         table.source,

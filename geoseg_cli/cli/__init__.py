@@ -21,6 +21,10 @@ log = logging.getLogger("geoseg_cli")
 COMMANDS = {
     "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
     "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
+    "pretrain": (
+        "geoseg_cli.cli.pretrain:pretrain",
+        "Pre-train a backbone on unlabelled rasters (self-supervised).",
+    ),
     "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
     "cluster": ("geoseg_cli.cli.cluster:cluster", "Cluster a scene without labels (SGSeg)."),
     "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),
