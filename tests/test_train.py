@@ -56,8 +56,7 @@ def one_thread():
 
 
 def small_config(chips: Path, output: Path, **overrides) -> TrainConfig:
-    """resnet18, 3 steps of 4 chips per epoch, no data workers: seconds per epoch on CPU
-    (the paper's recipe: one pass over the chips per epoch)."""
+    """resnet18, 3 steps of 4 chips per epoch (the paper's recipe), no data workers."""
     settings = {
         "recipe": "paper",
         "backbone": "resnet18",
