@@ -160,7 +160,10 @@ def _check_options(
         (0 <= max_nodata <= 1, f"--max-nodata must be in [0, 1], not {max_nodata}"),
         (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), not {val_fraction}"),
         (split is None or split in SPLITS, f"--split must be one of {SPLITS}, not {split!r}"),
-        (block_size is None or block_size >= size, f"--block-size {block_size} < --size {size}"),
+        (
+            block_size is None or block_size >= size,
+            f"--block-size {block_size} is smaller than a chip (--size {size})",
+        ),
         (
             split != "source" or len(images) > 1 or val_fraction == 0,
             "--split source needs several images; use --split random",
