@@ -24,7 +24,7 @@ FINE_TUNE_MAX_LR = 5e-4
 
 @dataclass(frozen=True)
 class Recipe:
-    """Defaults of the recipe-dependent training settings (see ``TrainConfig``).
+    """Defaults of the recipe-dependent training settings (the paper's by default).
 
     A recipe supplies the settings that :class:`~geoseg_cli.train_config.TrainConfig` leaves
     unset (learning rate, warm-up, loss, augmentation, chip sampling, epoch length); explicit
@@ -33,33 +33,24 @@ class Recipe:
     fine-tunes ImageNet weights and barely moves randomly initialised ones.
     """
 
-    lr: float
-    warmup_epochs: float
-    loss: str
-    class_weighting: str
-    rot90: bool
-    scale_jitter: float
-    color_jitter: float
-    sampler: str
-    min_epoch_samples: int
+    lr: float = PAPER_LR
+    warmup_epochs: float = 0.0
+    loss: str = "dice"
+    class_weighting: str = "median"
+    rot90: bool = False
+    scale_jitter: float = 0.0
+    color_jitter: float = 0.0
+    sampler: str = "uniform"
+    min_epoch_samples: int = 0
 
     def values(self) -> dict[str, Any]:
         """The settings as a dict keyed by ``TrainConfig`` field names."""
         return dataclasses.asdict(self)
 
 
+#: The recipes by name: the paper's is the default of every setting.
 RECIPES: dict[str, Recipe] = {
-    "paper": Recipe(
-        lr=PAPER_LR,
-        warmup_epochs=0.0,
-        loss="dice",
-        class_weighting="median",
-        rot90=False,
-        scale_jitter=0.0,
-        color_jitter=0.0,
-        sampler="uniform",
-        min_epoch_samples=0,
-    ),
+    "paper": Recipe(),
     "scratch": Recipe(
         lr=3e-3,
         warmup_epochs=1.0,
@@ -72,8 +63,6 @@ RECIPES: dict[str, Recipe] = {
         min_epoch_samples=2048,
     ),
 }
-#: The TrainConfig fields whose default comes from the recipe.
-RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 
 def resolve_recipe(name: str, has_weights: bool) -> str:

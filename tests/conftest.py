@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 
@@ -286,3 +287,16 @@ def save_tiny_checkpoint(
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 3-class, 3-band uint8 SCG-Net checkpoint (resnet18, window 32)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (use it per module: ``pytestmark = usefixtures("one_thread")``).
+
+    Results are thread-count specific, and a busy 2-core machine runs small models many times
+    faster on one thread than on two.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,14 +17,7 @@ from geoseg_cli.train import train
 from geoseg_cli.train_config import TrainConfig
 from models import create_model, load_backbone_weights
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: fast and repeatable on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

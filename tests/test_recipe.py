@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_train import small_config
 
 from geoseg_cli.chips import load_stats, read_manifest
 from geoseg_cli.cli import cli
@@ -19,28 +20,13 @@ from geoseg_cli.sampling import ChipSampler, balanced_weights
 from geoseg_cli.train import train
 from geoseg_cli.train_config import TrainConfig, read_config_file, resume_config, write_config_file
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as in test_train (bit-identical runs, fast on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scratch_config(chips: Path, output: Path, **overrides) -> TrainConfig:
     """The scratch recipe, shrunk: 24 draws (6 steps of 4) per epoch of 32 px windows."""
-    settings = {
-        "backbone": "resnet18",
-        "window": 32,
-        "epochs": 1,
-        "min_epoch_samples": 24,
-        "workers": 0,
-        "device": "cpu",
-        **overrides,
-    }
-    return TrainConfig(chips, output, **settings)
+    settings = {"recipe": "auto", "lr": None, "window": 32, "min_epoch_samples": 24}
+    return small_config(chips, output, **{**settings, **overrides})
 
 
 def test_auto_recipe_follows_the_backbone_weights() -> None:

@@ -434,33 +434,10 @@ def test_random_chips_are_seeded_and_split_by_fraction(scene, tmp_path: Path) ->
     def windows(out: Path) -> list[tuple[int, int, str]]:
         return [(int(r["col_off"]), int(r["row_off"]), r["split"]) for r in read_manifest(out)]
 
-    a = tile(
-        [scene["image"]],
-        [scene["labels"]],
-        tmp_path / "a",
-        size=20,
-        count=10,
-        seed=5,
-        split="random",
-    )
-    tile(
-        [scene["image"]],
-        [scene["labels"]],
-        tmp_path / "b",
-        size=20,
-        count=10,
-        seed=5,
-        split="random",
-    )
-    tile(
-        [scene["image"]],
-        [scene["labels"]],
-        tmp_path / "c",
-        size=20,
-        count=10,
-        seed=6,
-        split="random",
-    )
+    runs = {"a": 5, "b": 5, "c": 6}
+    options = {"size": 20, "count": 10, "split": "random"}
+    images, labels = [scene["image"]], [scene["labels"]]
+    a, _, _ = (tile(images, labels, tmp_path / n, seed=seed, **options) for n, seed in runs.items())
     assert windows(tmp_path / "a") == windows(tmp_path / "b") != windows(tmp_path / "c")
     assert a.num_chips == {"train": 8, "val": 2} and a.sampling == "random"
     cols_rows = {(c, r) for c, r, _ in windows(tmp_path / "a")}

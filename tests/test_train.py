@@ -42,17 +42,7 @@ from models import create_model
 LEARNED_MIOU = 0.6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread.
-
-    Results are thread-count specific, and a busy 2-core machine runs small models many times
-    faster on one thread than on two.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(chips: Path, output: Path, **overrides) -> TrainConfig:
