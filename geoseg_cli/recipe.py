@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from geoseg_cli.train_config import TrainConfig
 
 #: The paper's initial learning rate (8.5e-5/√2), tuned for fine-tuning ImageNet weights.
 PAPER_LR = 8.5e-5 / math.sqrt(2)
@@ -90,7 +93,7 @@ def lr_mismatch(lr: float, has_weights: bool) -> str | None:
     return None
 
 
-def loss_class_weights(config: Any, median_weights: list[float]) -> list[float] | None:
+def loss_class_weights(config: TrainConfig, median_weights: list[float]) -> list[float] | None:
     """The cross-entropy class weights of a resolved config (None: unweighted or Dice only)."""
     if config.loss == "dice" or config.class_weighting == "none":
         return None
@@ -99,7 +102,7 @@ def loss_class_weights(config: Any, median_weights: list[float]) -> list[float] 
     return list(median_weights)
 
 
-def recipe_report(config: Any) -> tuple[str, str | None]:
+def recipe_report(config: TrainConfig) -> tuple[str, str | None]:
     """The log line naming a resolved config's recipe and settings, and a learning-rate warning.
 
     Args:
