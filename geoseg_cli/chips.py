@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from geoseg_cli.checkpoint import InputSpec
 from geoseg_cli.classes import ClassInfo
+from geoseg_cli.distributed import torchrun_env
 from geoseg_cli.errors import InputError
+
+log = logging.getLogger(__name__)
 
 #: Version of the stats.json layout.
 FORMAT_VERSION = 1
@@ -75,6 +81,9 @@ class ChipStats:
         stride: Grid step, or None for random chips.
         crs: WKT of the source CRS, or None.
         num_chips: Chips per split.
+        sparse: The labels are sparse points and scribbles (``geoseg tile --sparse``).
+        coverage: Share of the train chips' pixels that hold a label (None: not recorded).
+        pseudolabel: How ``geoseg pseudolabel`` completed the labels, or None.
     """
 
     input: InputSpec
@@ -87,6 +96,9 @@ class ChipStats:
     stride: int | None = None
     crs: str | None = None
     num_chips: dict[str, int] = field(default_factory=dict)
+    sparse: bool = False
+    coverage: float | None = None
+    pseudolabel: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document written to ``stats.json``."""
@@ -109,7 +121,41 @@ class ChipStats:
             "size": self.size,
             "stride": self.stride,
             "num_chips": self.num_chips,
+            "sparse": self.sparse,
+            "coverage": self.coverage,
+            **({} if self.pseudolabel is None else {"pseudolabel": self.pseudolabel}),
         }
+
+
+def class_weights(counts: np.ndarray) -> tuple[list[float], list[float]]:
+    """Class frequencies and median-frequency weights (median / frequency; 0 if absent)."""
+    total = counts.sum()
+    freq = counts / total if total else np.zeros(len(counts))
+    present = freq > 0
+    weights = np.zeros(len(counts))
+    if present.any():
+        weights[present] = np.median(freq[present]) / freq[present]
+    return freq.tolist(), weights.tolist()
+
+
+def label_stats(records: Sequence[ChipRecord], num_classes: int) -> dict[str, Any]:
+    """The :class:`ChipStats` fields that the chips' class counts give.
+
+    Class counts, frequencies and weights of the train chips, chips per split, and the
+    coverage: the share of the train chips' pixels that hold a class label.
+    """
+    train = [r for r in records if r.split == "train"]
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for record in train:
+        counts += record.counts
+    frequencies, weights = class_weights(counts)
+    return {
+        "class_counts": counts.tolist(),
+        "class_frequencies": frequencies,
+        "class_weights": weights,
+        "num_chips": {"train": len(train), "val": len(records) - len(train)},
+        "coverage": int(counts.sum()) / max(sum(r.width * r.height for r in train), 1),
+    }
 
 
 def write_chips_index(
@@ -191,6 +237,9 @@ def load_stats(chips_dir: str | os.PathLike) -> ChipStats:
             stride=None if data.get("stride") is None else int(data["stride"]),
             crs=data.get("crs"),
             num_chips={str(k): int(v) for k, v in (data.get("num_chips") or {}).items()},
+            sparse=bool(data.get("sparse", False)),
+            coverage=None if data.get("coverage") is None else float(data["coverage"]),
+            pseudolabel=data.get("pseudolabel"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(
@@ -243,14 +292,21 @@ def read_manifest(chips_dir: str | os.PathLike) -> list[ChipRecord]:
 
 
 def load_training_chips(
-    chips_dir: str | os.PathLike,
+    chips_dir: str | os.PathLike, loss: str | None = None
 ) -> tuple[ChipStats, list[ChipRecord], list[ChipRecord]]:
     """The statistics, train chips and val chips of a folder that training can use.
 
+    Args:
+        chips_dir: The chips folder.
+        loss: The training loss kind, checked against sparse labels (None: not checked).
+
     Raises:
-        InputError: The folder is unreadable, lacks a split, or has fewer than two classes.
+        InputError: The folder is unreadable, lacks a split, has fewer than two classes, or
+            holds sparse labels and ``loss`` needs dense ones.
     """
     stats = load_stats(chips_dir)
+    if loss is not None and stats.sparse:
+        check_sparse_loss(stats, loss, chips_dir)
     records = read_manifest(chips_dir)
     train = [r for r in records if r.split == "train"]
     val = [r for r in records if r.split == "val"]
@@ -266,3 +322,33 @@ def load_training_chips(
             "(e.g. value = 255 for a 0/255 mask), or another --ignore-index"
         )
     return stats, train, val
+
+
+def check_sparse_loss(stats: ChipStats, loss: str, chips_dir: str | os.PathLike) -> None:
+    """Refuse a loss that needs dense labels on sparse chips; warn for plain cross-entropy.
+
+    Dice compares predicted and labelled class areas, which a few labelled pixels per chip
+    do not have, and nothing would speak for the unlabelled pixels.
+
+    Raises:
+        InputError: ``loss`` is Dice or Dice+CE.
+    """
+    from models.losses import DENSE_LOSSES  # PyTorch: tile and evaluate never import it
+
+    share = "" if stats.coverage is None else f" ({100 * stats.coverage:.2f}% of pixels labelled)"
+    if loss in DENSE_LOSSES:
+        raise InputError(
+            f"{chips_dir} holds sparse labels{share} and --loss {loss} needs dense ones: train "
+            f"with --loss partial, or complete them first with `geoseg pseudolabel {chips_dir} "
+            f"-o DENSE_DIR` (--loss ce trains plain cross-entropy on the labelled pixels)"
+        )
+    if not torchrun_env().is_main:
+        return
+    if loss == "ce":
+        log.warning(
+            "%s holds sparse labels%s: plain cross-entropy learns from the labelled pixels "
+            "only; --loss partial also regularises the unlabelled ones",
+            chips_dir,
+            share,
+        )
+    log.info("validation scores count the sparse labelled pixels of the val chips only")

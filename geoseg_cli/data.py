@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from geoseg_cli.chips import ChipRecord, ChipStats
 from geoseg_cli.errors import InputError
+from geoseg_cli.raster import read_masked
 from geoseg_cli.train_config import TrainConfig
 from models import OUTPUT_STRIDE
 
@@ -132,31 +133,7 @@ class ChipDataset(Dataset):
         )
 
     def _read(self, record: ChipRecord) -> tuple[np.ndarray, np.ndarray]:
-        bands = len(self.stats.input.bands)
-        image_path, label_path = record.image(self.chips_dir), record.label(self.chips_dir)
-        try:
-            with rasterio.open(image_path) as src:
-                raw = src.read()
-            with rasterio.open(label_path) as src:
-                label = src.read(1)
-        except rasterio.errors.RasterioIOError as exc:
-            raise InputError(
-                f"chip {record.chip_id}: {str(exc).splitlines()[0]}; re-run geoseg tile"
-            ) from exc
-        if raw.shape[0] != bands:
-            raise InputError(
-                f"{image_path}: {raw.shape[0]} bands but stats.json lists {bands}; "
-                "re-run geoseg tile"
-            )
-        if label.shape != raw.shape[1:]:
-            raise InputError(f"{label_path}: size differs from its image chip; re-run tile")
-        num_classes = len(self.stats.classes)
-        bad = (label >= num_classes) & (label != self.stats.ignore_index)
-        if bad.any():
-            raise InputError(
-                f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
-                f"outside the {num_classes} classes; re-run geoseg tile"
-            )
+        raw, _, label = read_chip(self.chips_dir, record, self.stats)
         with np.errstate(over="ignore"):  # train names chips whose values overflow
             image = (raw.astype(np.float32) * self._scale - self._mean) / self._std
         if raw.dtype.kind == "f":  # NaN and ±inf are nodata: 0 after standardization, ignored
@@ -205,3 +182,38 @@ def _resize(
     classes = torch.from_numpy(label.astype(np.float32))[None, None]
     ids = F.interpolate(classes, shape, mode="nearest-exact")[0, 0].numpy()
     return resized[0].numpy(), ids.astype(label.dtype)
+
+
+def read_chip(
+    chips_dir: str | os.PathLike, record: ChipRecord, stats: ChipStats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chip's raw bands (C×H×W), valid-data mask (H×W) and labels (H×W), checked.
+
+    Raises:
+        InputError: A chip file is missing or unreadable, or does not fit stats.json.
+    """
+    bands = len(stats.input.bands)
+    image_path, label_path = record.image(chips_dir), record.label(chips_dir)
+    try:
+        with rasterio.open(image_path) as src:
+            raw, valid = read_masked(src)
+        with rasterio.open(label_path) as src:
+            label = src.read(1)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(
+            f"chip {record.chip_id}: {str(exc).splitlines()[0]}; re-run geoseg tile"
+        ) from exc
+    if raw.shape[0] != bands:
+        raise InputError(
+            f"{image_path}: {raw.shape[0]} bands but stats.json lists {bands}; re-run geoseg tile"
+        )
+    if label.shape != raw.shape[1:]:
+        raise InputError(f"{label_path}: size differs from its image chip; re-run tile")
+    num_classes = len(stats.classes)
+    bad = (label >= num_classes) & (label != stats.ignore_index)
+    if bad.any():
+        raise InputError(
+            f"{label_path}: label values {np.unique(label[bad])[:5].tolist()} are "
+            f"outside the {num_classes} classes; re-run geoseg tile"
+        )
+    return raw, valid, label

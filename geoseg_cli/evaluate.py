@@ -16,7 +16,8 @@ from rasterio.windows import Window
 from geoseg_cli.classes import PRESETS, ClassInfo, ClassTable, load_classes
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.faults import read_errors
-from geoseg_cli.labels import RasterLabels, VectorLabels, warn_unscored_labels
+from geoseg_cli.image_inputs import warn_unscored_labels
+from geoseg_cli.labels import RasterLabels, VectorLabels
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.matching import MATCH_METHODS, matched_metrics
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask

@@ -1,7 +1,8 @@
-"""The input images of tiling and pre-training: size, data bands and dtype, checked alike."""
+"""Input images of tiling and pre-training (checked alike), and label pixels left unscored."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.raster import data_bands, iter_row_windows, open_raster, read_masked
+
+log = logging.getLogger(__name__)
 
 #: An image path and its 1-based data bands.
 ImageBands = tuple[str, list[int]]
@@ -87,3 +90,28 @@ def unscored_under_data(
             if ignore is not None:
                 ignored += int(np.count_nonzero(has_data & labelled & (values[0] == ignore)))
     return pixels, masked, ignored
+
+
+def warn_unscored_labels(
+    path: str, pixels: int, nodata_pixels: int, nodata: float | None, ignored: int, ignore: int
+) -> None:
+    """Warn about labelled pixels that are dropped without being a class.
+
+    Those equal to the label raster's nodata value (when it is not the ignore index) and those
+    equal to the ignore index. Either may be a class by mistake: the background of a 0/1 mask
+    whose nodata is 0, the objects of a 0/255 mask.
+    """
+    if nodata_pixels and nodata is not None and nodata != ignore:
+        log.warning(
+            "%s: %d px (%.1f%%) have the raster's nodata value %g and are ignored; if %g is "
+            "a class (e.g. the background of a 0/1 mask), unset it: gdal_edit.py "
+            "-unsetnodata %s",
+            path, nodata_pixels, 100 * nodata_pixels / pixels, nodata, nodata, path,
+        )  # fmt: skip
+    if ignored:
+        log.warning(
+            "%s: %d px (%.1f%%) have value %d, the ignore index, and are ignored; if that "
+            "value is a class (e.g. a 0/255 mask), map it with 'value' in a classes file or "
+            "pass another --ignore-index",
+            path, ignored, 100 * ignored / pixels, ignore,
+        )  # fmt: skip

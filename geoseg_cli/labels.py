@@ -22,7 +22,7 @@ from shapely.errors import GEOSException
 
 from geoseg_cli.classes import ClassInfo, ClassTable, default_color, load_classes, rgb_code
 from geoseg_cli.errors import InputError, UsageError
-from geoseg_cli.image_inputs import ImageBands, unscored_under_data
+from geoseg_cli.image_inputs import ImageBands, unscored_under_data, warn_unscored_labels
 from geoseg_cli.raster import (
     crs_name,
     describe_grid,
@@ -45,31 +45,6 @@ def _format_counts(counts: dict[Any, int], unit: str, limit: int = 10) -> str:
     items = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
     text = ", ".join(f"{key} ({n} {unit})" for key, n in items[:limit])
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def warn_unscored_labels(
-    path: str, pixels: int, nodata_pixels: int, nodata: float | None, ignored: int, ignore: int
-) -> None:
-    """Warn about labelled pixels that are dropped without being a class.
-
-    Those equal to the label raster's nodata value (when it is not the ignore index) and those
-    equal to the ignore index. Either may be a class by mistake: the background of a 0/1 mask
-    whose nodata is 0, the objects of a 0/255 mask.
-    """
-    if nodata_pixels and nodata is not None and nodata != ignore:
-        log.warning(
-            "%s: %d px (%.1f%%) have the raster's nodata value %g and are ignored; if %g is "
-            "a class (e.g. the background of a 0/1 mask), unset it: gdal_edit.py "
-            "-unsetnodata %s",
-            path, nodata_pixels, 100 * nodata_pixels / pixels, nodata, nodata, path,
-        )  # fmt: skip
-    if ignored:
-        log.warning(
-            "%s: %d px (%.1f%%) have value %d, the ignore index, and are ignored; if that "
-            "value is a class (e.g. a 0/255 mask), map it with 'value' in a classes file or "
-            "pass another --ignore-index",
-            path, ignored, 100 * ignored / pixels, ignore,
-        )  # fmt: skip
 
 
 class RasterLabels:
@@ -209,6 +184,8 @@ class VectorLabels:
     """
 
     kind = "vector"
+    #: Pixels no feature covers get the background class (sparse labels: the ignore index).
+    fills_background = True
 
     def __init__(
         self, path: str, class_field: str | None = None, class_value: int | None = None
@@ -367,13 +344,21 @@ class VectorLabels:
         """Yield a function that rasterises the polygons over a window of ``image``."""
         shapes, tree = self._geometries_in(image)
         ids = self._ids(table)
+        sparse = int((shapely.get_dimensions(shapes) < 2).sum())
+        if sparse and self.fills_background and table.background != table.ignore_index:
+            raise InputError(
+                f"{self.path}: {sparse} point or line feature(s) would be surrounded by "
+                f"'{table.names[table.background]}', which fills every pixel no polygon "
+                "covers: tile sparse points and scribbles with geoseg tile --sparse; score "
+                "against them with a classes file without a background class"
+            )
         if not tree.query(shapely.box(*image.bounds)).size:
             log.warning(
-                "%s: no polygon overlaps %s; its labels are all background (a file without "
-                "a CRS is read as WGS 84 lon/lat when its coordinates fit, else in the image "
-                "CRS)",
+                "%s: no feature overlaps %s; its labels are all %s (a file without a CRS is "
+                "read as WGS 84 lon/lat when its coordinates fit, else in the image CRS)",
                 self.path,
                 image.name,
+                "background" if self.fills_background else "ignored",
             )
 
         def read(window: Window) -> np.ndarray:
@@ -421,8 +406,10 @@ def resolve_classes(
     it. Without, classes are inferred: numbers 0..max found become ``class_0``..``class_N``
     (class 0 is ``background`` when polygons are involved, as pixels no polygon covers are
     class 0); class names from a vector attribute become ``background`` (0) followed by the
-    sorted names. RGB label rasters always need a classes file. With ``images`` (the image
-    each source labels), unscored label pixels are only reported where the image has data.
+    sorted names. Sparse vector labels (``geoseg tile --sparse``) fill no background: their
+    class 0 is ``class_0`` and their names are only those found. RGB label rasters always
+    need a classes file. With ``images`` (the image each source labels), unscored label
+    pixels are only reported where the image has data.
 
     Raises:
         InputError: A label does not fit the classes.
@@ -457,14 +444,15 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
     found: set[int | str] = set()
     for source in sources:
         found |= {v for v in source.counts() if v != ignore_index}
-    has_vectors = any(s.kind == "vector" for s in sources)
+    fills_background = any(getattr(s, "fills_background", False) for s in sources)
     names = {v for v in found if isinstance(v, str)}
     if names:
         if len(names) != len(found):
             raise InputError(
                 "labels mix class names and class numbers across sources; give a classes file"
             )
-        ordered = ["background", *sorted(names - {"background"})]
+        background = ["background"] if fills_background or "background" in names else []
+        ordered = [*background, *sorted(names - {"background"})]
         return ClassTable(
             [ClassInfo(n, default_color(i), i) for i, n in enumerate(ordered)],
             ignore_index,
@@ -481,7 +469,7 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
             f"below the ignore index {ignore_index}; set --ignore-index higher or give a "
             "classes file"
         )
-    if top == 0 and not has_vectors:
+    if top == 0 and not fills_background:
         log.warning(
             "the labels hold a single class (value 0); check the labels or the ignore index"
         )
@@ -489,7 +477,7 @@ def _infer_classes(sources: list[LabelSource], ignore_index: int) -> ClassTable:
     return ClassTable(
         [
             ClassInfo(
-                "background" if i == 0 and has_vectors else f"class_{i}",
+                "background" if i == 0 and fills_background else f"class_{i}",
                 tuple(colormap[i][:3]) if colormap and i in colormap else default_color(i),
                 i,
             )

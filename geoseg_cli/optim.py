@@ -105,10 +105,11 @@ def forward_loss(
     """Training-mode forward pass and total loss, under autocast when ``dtype`` is set.
 
     The labels go to the network too: heads that sample their graph from them in training
-    (``cdgc``) need them; the SCG heads ignore them.
+    (``cdgc``) need them; the SCG heads ignore them. The images go to the loss too (the
+    ``partial`` loss's colour affinities).
     """
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-        return criterion(net(images, labels), labels).total
+        return criterion(net(images, labels), labels, images).total
 
 
 def optimizer_step(

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,12 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geoseg_cli.checkpoint import InputSpec
-from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, write_chips_index
+from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, label_stats, write_chips_index
 from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.faults import gdal_write_errors
 from geoseg_cli.image_inputs import ImageInfo, inspect_images
-from geoseg_cli.labels import LabelSource, open_labels, resolve_classes
+from geoseg_cli.labels import LabelSource, resolve_classes
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
@@ -31,6 +31,7 @@ from geoseg_cli.raster import (
     open_raster,
     read_masked,
 )
+from geoseg_cli.sparse import open_tile_labels
 from geoseg_cli.splits import BUFFER, SPLITS, assign_splits, default_block_size, report_split
 from geoseg_cli.vector import is_vector_path
 
@@ -100,19 +101,13 @@ class TileSummary:
     classes: list[str]
     class_counts: list[int]
     left_out: int = 0
+    sparse: bool = False
+    unlabelled: int = 0
+    coverage: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (``geoseg tile --json``)."""
-        return {
-            "output": self.output,
-            "num_chips": self.num_chips,
-            "skipped": self.skipped,
-            "sampling": self.sampling,
-            "split": self.split,
-            "classes": self.classes,
-            "class_counts": self.class_counts,
-            "left_out": self.left_out,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -133,6 +128,7 @@ class _Options:
     max_nodata: float
     scale: float
     table: ClassTable
+    sparse: bool = False
 
 
 def _check_options(
@@ -205,11 +201,11 @@ def _cut_source(
     out: Path,
     opts: _Options,
     bar: Any,
-) -> tuple[list[_Chip], int]:
-    """Write the chips of one image; return them and the number skipped for nodata."""
+) -> tuple[list[_Chip], int, int]:
+    """Write the chips of one image; return them and the windows skipped (nodata, no label)."""
     table = opts.table
     chips: list[_Chip] = []
-    skipped = empty = 0
+    skipped = empty = unlabelled = 0
     with open_raster(image.path) as src, labels.reader(table, src) as read_labels:
         for window in windows:
             if quota is None:  # grid: the bar counts windows; random: accepted chips
@@ -224,6 +220,9 @@ def _cut_source(
             ids = read_labels(window)
             ids[~valid] = table.ignore_index
             labelled = ids[ids != table.ignore_index]
+            if opts.sparse and not labelled.size:
+                unlabelled += 1
+                continue
             record = ChipRecord(
                 chip_id=f"{image.prefix}_{int(window.row_off):05d}_{int(window.col_off):05d}",
                 source=image.path,
@@ -252,7 +251,7 @@ def _cut_source(
                 bar.update()
                 if len(chips) == quota:
                     break
-    if not chips:
+    if not chips and not unlabelled:
         if empty == skipped and empty:
             raise InputError(
                 f"{image.path}: every pixel is nodata in {empty} window(s); nothing to tile "
@@ -266,7 +265,7 @@ def _cut_source(
         )
     elif quota is not None and len(chips) < quota:
         log.warning("%s: only %d of %d random chips found", image.path, len(chips), quota)
-    return chips, skipped
+    return chips, skipped, unlabelled
 
 
 def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float]]:
@@ -283,29 +282,16 @@ def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float
     return mean.tolist(), np.sqrt(m2 / max(n, 1)).tolist()
 
 
-def class_weights(counts: np.ndarray) -> tuple[list[float], list[float]]:
-    """Class frequencies and median-frequency weights (median / frequency; 0 if absent)."""
-    total = counts.sum()
-    freq = counts / total if total else np.zeros(len(counts))
-    present = freq > 0
-    weights = np.zeros(len(counts))
-    if present.any():
-        weights[present] = np.median(freq[present]) / freq[present]
-    return freq.tolist(), weights.tolist()
-
-
 def _write_index(
     out: Path,
     chips: list[_Chip],
     infos: list[ImageInfo],
     opts: _Options,
     stride: int | None,
-) -> np.ndarray:
-    """Write manifest.csv and stats.json; return the train chips' class counts."""
+) -> ChipStats:
+    """Write manifest.csv and stats.json; return the statistics."""
     table = opts.table
-    train = [c for c in chips if c.record.split == "train"]
-    counts = np.sum([c.record.counts for c in train], axis=0).astype(np.int64)
-    frequencies, weights = class_weights(counts)
+    records = [c.record for c in chips]
     mean, std = _band_stats(chips, len(opts.bands))
     with open_raster(infos[0].path) as src:
         resolution, approximate = ground_resolution(src)
@@ -318,16 +304,14 @@ def _write_index(
         input=InputSpec(opts.bands, infos[0].dtype, opts.scale, mean, std, nodata, resolution),
         classes=table.classes,
         ignore_index=table.ignore_index,
-        class_counts=counts.tolist(),
-        class_frequencies=frequencies,
-        class_weights=weights,
         size=opts.size,
         stride=stride,
         crs=crs.to_wkt() if crs else None,
-        num_chips={"train": len(train), "val": len(chips) - len(train)},
+        sparse=opts.sparse,
+        **label_stats(records, len(table.classes)),
     )
-    write_chips_index(out, [c.record for c in chips], stats)
-    return counts
+    write_chips_index(out, records, stats)
+    return stats
 
 
 def tile(
@@ -349,6 +333,8 @@ def tile(
     seed: int = 0,
     ignore_index: int | None = None,
     scale: float | None = None,
+    sparse: bool = False,
+    buffer: float | None = None,
     overwrite: bool = False,
 ) -> TileSummary:
     """Cut images and labels into georeferenced chips with a manifest and statistics.
@@ -379,6 +365,11 @@ def tile(
         seed: Seed for random chips and the split.
         ignore_index: Label id for unlabelled pixels (default: the classes file's, or 255).
         scale: Raw-value factor (default: 1/255 uint8, 1/10000 other integers, 1 float).
+        sparse: The labels are sparse (points, scribbles): burn vector features with pixel
+            buffers and leave every other pixel ignore (:mod:`geoseg_cli.sparse`); skip
+            chips without a labelled pixel; record ``sparse`` and ``coverage``.
+        buffer: Buffer of sparse points and lines in pixels (default 2 for points, 1 for
+            lines).
         overwrite: Replace an existing output folder.
 
     Raises:
@@ -391,11 +382,7 @@ def tile(
     _check_options(images, labels, size, stride, count, max_nodata, val_fraction, split, block_size)
     check_output(outdir, overwrite)
     infos = inspect_images(images, bidx, size)
-    sources = [open_labels(p, class_field, class_value) for p in labels]
-    if (class_field is not None or class_value is not None) and not any(
-        s.kind == "vector" for s in sources
-    ):
-        raise UsageError("--class-field/--class-value apply to vector labels only")
+    sources = open_tile_labels(labels, class_field, class_value, sparse, buffer)
     pairs = [(info, sources[i if len(sources) > 1 else 0]) for i, info in enumerate(infos)]
     for info, source in pairs:
         if source.kind != "vector":
@@ -403,7 +390,7 @@ def tile(
     images_of = [(i.path, list(i.bands)) for i in infos] if len(sources) == len(infos) else None
     table = resolve_classes(sources, classes, ignore_index, images_of)
     bands = list(infos[0].bands)
-    opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table)
+    opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table, sparse)
     mode = split or ("source" if len(images) > 1 else "blocks")
     block = block_size or default_block_size([(i.width, i.height) for i in infos], size)
 
@@ -423,7 +410,7 @@ def tile(
         total = count
 
     chips: list[_Chip] = []
-    skipped = 0
+    skipped = unlabelled = 0
     with atomic_output(outdir, overwrite) as out:
         (out / IMAGES).mkdir(parents=True)
         (out / LABELS).mkdir()
@@ -433,13 +420,19 @@ def tile(
             ):
                 if quota == 0:
                     continue
-                new, n_skipped = _cut_source(index, info, source, windows, quota, out, opts, bar)
+                new, n_skipped, n_unlabelled = _cut_source(
+                    index, info, source, windows, quota, out, opts, bar
+                )
                 chips += new
                 skipped += n_skipped
+                unlabelled += n_unlabelled
         if not chips:
             raise InputError(
-                f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or check "
-                "the images' nodata"
+                f"no chip holds a labelled pixel ({unlabelled} windows without one): do the "
+                "sparse labels overlap the images (check their CRS)?"
+                if unlabelled
+                else f"no chip has at most {max_nodata:.0%} nodata; raise --max-nodata or "
+                "check the images' nodata"
             )
         sources = [c.source for c in chips]
         assign_splits([c.record for c in chips], sources, images, mode, val_fraction, seed, block)
@@ -448,11 +441,11 @@ def tile(
             record.image(out).unlink()
             record.label(out).unlink()
         chips = [c for c in chips if c.record.split != BUFFER]
-        counts = _write_index(out, chips, infos, opts, None if count else stride)
+        stats = _write_index(out, chips, infos, opts, None if count else stride)
     overlap = "random chips overlap" if count else f"--stride {stride} < --size {size}"
     overlap = overlap if count or stride < size else None
     report_split(mode, [c.record for c in chips], len(left_out), block, val_fraction, overlap)
-    empty = [name for name, n in zip(table.names, counts.tolist(), strict=True) if n == 0]
+    empty = [name for name, n in zip(table.names, stats.class_counts, strict=True) if n == 0]
     if empty:
         log.warning(
             "class(es) %s have no pixel in the chips (a stray label value, polygons outside "
@@ -460,23 +453,30 @@ def tile(
             "their 0 scores lower the mean: check the labels or give a classes file",
             ", ".join(empty),
         )
-    n_val = sum(c.record.split == "val" for c in chips)
+    n_val = stats.num_chips["val"]
     summary = TileSummary(
         output=str(outdir),
-        num_chips={"train": len(chips) - n_val, "val": n_val},
+        num_chips=stats.num_chips,
         skipped=skipped,
         sampling="grid" if count is None else "random",
         split=mode,
         classes=table.names,
-        class_counts=counts.tolist(),
+        class_counts=stats.class_counts,
         left_out=len(left_out),
+        sparse=sparse,
+        unlabelled=unlabelled,
+        coverage=stats.coverage,
     )
     log.info(
-        "wrote %d chips (%d train, %d val) to %s; skipped %d with too much nodata",
+        "wrote %d chips (%d train, %d val) to %s; skipped %d with too much nodata%s",
         len(chips),
         len(chips) - n_val,
         n_val,
         outdir,
         skipped,
+        f" and {unlabelled} without a labelled pixel; {100 * stats.coverage:.2f}% of the "
+        "train chips' pixels are labelled (sparse)"
+        if sparse
+        else "",
     )
     return summary

@@ -105,7 +105,7 @@ class _Trainer:
         self.ctx = ctx
         self.device = device
         self.run_dir = config.output
-        self.stats, train_records, val_records = load_training_chips(config.chips_dir)
+        self.stats, train_records, val_records = load_training_chips(config.chips_dir, config.loss)
         if config.window > max(max(r.width, r.height) for r in train_records) and ctx.is_main:
             log.warning("window %d is larger than the chips: they are padded", config.window)
         self.class_names = [c.name for c in self.stats.classes]
@@ -334,8 +334,8 @@ class _Trainer:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                logits = self.model(images)
-            loss_sum += float(self.criterion(logits.float(), labels).total) * len(labels)
+                logits = self.model(images).float()
+            loss_sum += float(self.criterion(logits, labels, images).total) * len(labels)
             pixels += len(labels)
             matrix.update(logits.argmax(1), labels)
         totals = torch.tensor([loss_sum, pixels], dtype=torch.float64, device=self.device)

@@ -64,8 +64,8 @@ class TrainConfig:
         poly_power: Power of the polynomial decay over all steps.
         lr_step_epochs: Multiply the learning rate by ``lr_step_gamma`` every so many epochs.
         lr_step_gamma: That factor.
-        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted) or ``dice+ce``
-            (recipe).
+        loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted), ``dice+ce`` or
+            ``partial`` (sparse labels: CE on labelled pixels + entropy + smoothness) (recipe).
         class_weighting: Cross-entropy class weights: ``median`` (stats.json's
             median-frequency weights), ``sqrt`` (their square roots) or ``none`` (recipe).
         flips: Random horizontal and vertical flips (p = 0.5 each).

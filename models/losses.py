@@ -16,9 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.net import SegmentationOutput
+from models.partial import unlabelled_terms
 
-#: Segmentation loss kinds; ``dice`` is the paper's.
-LOSS_KINDS = ("dice", "ce", "dice+ce")
+#: Segmentation loss kinds; ``dice`` is the paper's; ``partial`` is for sparse labels.
+LOSS_KINDS = ("dice", "ce", "dice+ce", "partial")
+#: Loss kinds that need dense labels.
+DENSE_LOSSES = ("dice", "dice+ce")
 #: OHEM keeps the pixels whose probability of their true class is at most this ...
 OHEM_THRESHOLD = 0.7
 #: ... and at least this share of the valid pixels, the hardest first.
@@ -126,8 +129,8 @@ class LossOutput(NamedTuple):
     Attributes:
         total: The loss to back-propagate.
         parts: Detached terms for logging, each as it enters the total: ``dice`` and/or
-            ``ce`` (or ``ohem``), ``kl``, ``dl``, one per auxiliary logits (e.g.
-            ``coarse``, ``aux``), and ``total``.
+            ``ce`` (or ``ohem``), ``entropy`` and ``smooth`` (``partial``), ``kl``, ``dl``,
+            one per auxiliary logits (e.g. ``coarse``, ``aux``), and ``total``.
     """
 
     total: torch.Tensor
@@ -143,7 +146,9 @@ class SegmentationLoss(nn.Module):
     L_dl (when present) + each auxiliary logits' weight × its cross-entropy.
 
     Args:
-        kind: ``dice`` (the paper's), ``ce`` (cross-entropy) or ``dice+ce`` (their sum).
+        kind: ``dice`` (the paper's), ``ce`` (cross-entropy), ``dice+ce`` (their sum) or
+            ``partial`` (sparse labels: cross-entropy on the labelled pixels plus the
+            entropy and smoothness terms of :mod:`models.partial`, which need the image).
         class_weights: Optional per-class weights for the cross-entropy term.
         ignore_index: Label value of pixels that do not count.
     """
@@ -165,7 +170,10 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("class_weights", weights)
 
     def forward(
-        self, output: SegmentationOutput | torch.Tensor, target: torch.Tensor
+        self,
+        output: SegmentationOutput | torch.Tensor,
+        target: torch.Tensor,
+        image: torch.Tensor | None = None,
     ) -> LossOutput:
         """Loss of a model output against labels.
 
@@ -173,6 +181,8 @@ class SegmentationLoss(nn.Module):
             output: A training-mode :class:`SegmentationOutput` (its terms are added) or
                 plain logits (segmentation term only).
             target: B×H×W labels.
+            image: B×C×H×W network input; the ``partial`` loss needs it, the others
+                ignore it.
 
         Returns:
             The total and its detached parts.
@@ -186,10 +196,15 @@ class SegmentationLoss(nn.Module):
         else:
             if self.kind in ("dice", "dice+ce"):
                 parts["dice"] = weight * dice_loss(logits, target, self.ignore_index)
-            if self.kind in ("ce", "dice+ce"):
+            if self.kind in ("ce", "dice+ce", "partial"):
                 parts["ce"] = weight * cross_entropy_loss(
                     logits, target, self.class_weights, self.ignore_index
                 )
+            if self.kind == "partial":
+                if image is None:
+                    raise ValueError("the partial loss needs the input image (colour affinities)")
+                terms = unlabelled_terms(logits, target, image, self.ignore_index)
+                parts.update({name: weight * term for name, term in terms.items()})
         for name, loss in (("kl", output.kl_loss), ("dl", output.dl_loss)):
             if loss is not None:
                 parts[name] = loss

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 
@@ -81,6 +80,21 @@ def synthetic_scene(
     image = palette[labels].transpose(2, 0, 1).astype(np.float64)
     image += rng.normal(0, 12, size=image.shape) * (1 + labels % 2)
     return np.clip(image, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Results are thread-count specific, and a busy 2-core machine runs small models many times
+    faster on one thread than on two.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -288,16 +302,3 @@ def save_tiny_checkpoint(
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 3-class, 3-band uint8 SCG-Net checkpoint (resnet18, window 32)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread (use it per module: ``pytestmark = usefixtures("one_thread")``).
-
-    Results are thread-count specific, and a busy 2-core machine runs small models many times
-    faster on one thread than on two.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

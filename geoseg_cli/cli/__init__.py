@@ -25,6 +25,10 @@ COMMANDS = {
         "geoseg_cli.cli.pretrain:pretrain",
         "Pre-train a backbone on unlabelled rasters (self-supervised).",
     ),
+    "pseudolabel": (
+        "geoseg_cli.cli.pseudolabel:pseudolabel",
+        "Complete sparse label chips by graph propagation.",
+    ),
     "predict": ("geoseg_cli.cli.predict:predict", "Segment rasters of any size to GeoTIFF."),
     "cluster": ("geoseg_cli.cli.cluster:cluster", "Cluster a scene without labels (SGSeg)."),
     "export": ("geoseg_cli.cli.export:export", "Export a checkpoint (ONNX)."),

@@ -14,6 +14,7 @@ from geoseg_cli.cli.options import (
     json_opt,
     overwrite_opt,
 )
+from geoseg_cli.sparse import LINE_BUFFER, POINT_BUFFER
 from geoseg_cli.splits import SPLITS
 from geoseg_cli.tiling import DEFAULT_MAX_NODATA, DEFAULT_SIZE, DEFAULT_VAL_FRACTION
 from geoseg_cli.tiling import tile as run_tile
@@ -144,6 +145,21 @@ class _TileCommand(click.Command):
     help="Factor mapping raw values to ~[0,1] [default: 1/255 uint8, 1/10000 other "
     "integers, 1 float].",
 )
+@click.option(
+    "--sparse",
+    is_flag=True,
+    help="The labels are sparse points and scribbles: burn vector points and lines with "
+    "--buffer, polygons whole, and leave every other pixel unlabelled (ignore index, never "
+    "background); skip chips without a labelled pixel.",
+)
+@click.option(
+    "--buffer",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="PX",
+    help=f"With --sparse: burn pixels within PX pixels of points and lines [default: "
+    f"{POINT_BUFFER:g} for points, {LINE_BUFFER:g} for lines; 0 = only the pixels they touch].",
+)
 @json_opt
 @overwrite_opt
 def tile(
@@ -177,11 +193,22 @@ def tile(
     Image nodata pixels become the ignore index in labels.
 
     \b
+    Sparse labels (--sparse), e.g. points and lines digitised in QGIS:
+      points    the pixel holding the point + pixels within --buffer px
+      lines     the pixels the line touches + pixels within --buffer px
+      polygons  their whole interior (no buffer); convert them to lines to
+                label only their outline
+      Every other pixel is the ignore index; stats.json records sparse: true
+      and the labelled share (coverage). Train with --loss partial, or
+      complete the labels with `geoseg pseudolabel` first.
+
+    \b
     Examples:
       geoseg tile scene.tif --labels scene_labels.tif -o chips/
       geoseg tile top/*.tif --labels gts/*.tif --classes isprs --size 448 --stride 224 -o chips/
       geoseg tile ortho.tif --labels buildings.geojson --count 500 -o chips/
       geoseg tile ortho.tif --labels landuse.geojson --class-field type -b 1 -b 2 -b 3 -o chips/
+      geoseg tile ortho.tif --labels scribbles.gpkg --class-field cls --sparse -o chips/
     """
     split_rule = None if split == "auto" else split
     summary = run_tile(

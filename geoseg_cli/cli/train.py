@@ -124,9 +124,11 @@ def _parse_model_options(
     type=click.Choice(LOSS_KINDS),
     default=None,
     help="dice is the paper's (Dice + L_kl + L_dl); ce uses class weights (see "
-    "--class-weighting); dice+ce sums both. The SCG terms are always added. cdgc scores its "
-    "refined logits with OHEM cross-entropy instead and adds its coarse and auxiliary "
-    "cross-entropies (weights: --model-option). [recipe: paper "
+    "--class-weighting); dice+ce sums both; partial is for sparse labels (geoseg tile "
+    "--sparse): class-weighted CE on the labelled pixels + entropy of the unlabelled ones + "
+    "colour smoothness. The SCG terms are always added. cdgc scores its refined logits with "
+    "OHEM cross-entropy instead and adds its coarse and auxiliary cross-entropies (weights: "
+    "--model-option). [recipe: paper "
     f"{RECIPES['paper'].loss}, scratch {RECIPES['scratch'].loss}]",
 )
 @click.option(
@@ -265,6 +267,7 @@ def train(
       geoseg train chips/ -o runs/ft --backbone-weights resnet50.pth   # recipe paper
       geoseg train --config exp.toml -o runs/exp2 --lr 1e-4
       geoseg train --resume runs/exp1 --epochs 80
+      geoseg train sparse_chips/ -o runs/points --loss partial
       torchrun --nproc_per_node=4 -m geoseg_cli train chips/ -o runs/ddp
     """
     flags = {
