@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from geoseg_cli.chips import ChipRecord, ChipStats
 from geoseg_cli.errors import InputError
 from geoseg_cli.raster import read_masked
+from geoseg_cli.train_config import TrainConfig
 from models import OUTPUT_STRIDE
 
 
@@ -30,8 +33,10 @@ class ChipDataset(Dataset):
     ``raw · scale``. A chip larger than ``size`` is cropped (at a random place with
     ``random_crop``, else centred); a smaller one is padded (image 0 after standardization,
     label ``ignore_index``), and so are values that are not finite (NaN, ±inf: nodata) of
-    float chips. Augmentations are drawn from a generator seeded by (seed,
-    epoch, chip index), so a batch does not depend on workers, ranks or a resume.
+    float chips. Augmentations are drawn from a generator seeded by (seed, epoch, chip
+    index), or (seed, epoch, chip index, draw) for the ``(chip index, draw)`` items a
+    :class:`~geoseg_cli.sampling.ChipSampler` yields, so a batch does not depend on
+    workers, ranks or a resume and a chip drawn twice gets two sets of augmentations.
 
     Args:
         chips_dir: The chips folder.
@@ -41,6 +46,10 @@ class ChipDataset(Dataset):
         random_crop: Crop larger chips at a random place.
         flips: Random horizontal and vertical flips (p = 0.5 each).
         rot90: Random rotation by 90°, 180° or 270° (p = 0.5 of any turn).
+        scale_jitter: Zoom by a log-uniform factor in [1/(1+s), 1+s] (bilinear image,
+            nearest labels); 0 keeps the resolution.
+        color_jitter: Per band, multiply by a gain in [1-j, 1+j] and add an offset in
+            [-j, j] (standardized units, so the same for any band count and dtype).
         seed: Seed of the random draws.
     """
 
@@ -54,6 +63,8 @@ class ChipDataset(Dataset):
         random_crop: bool = False,
         flips: bool = False,
         rot90: bool = False,
+        scale_jitter: float = 0.0,
+        color_jitter: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.chips_dir = Path(chips_dir)
@@ -63,12 +74,32 @@ class ChipDataset(Dataset):
         self.random_crop = random_crop
         self.flips = flips
         self.rot90 = rot90
+        self.scale_jitter = scale_jitter
+        self.color_jitter = color_jitter
         self.seed = seed
         self.epoch = 0
         spec = stats.input
         self._scale = np.float32(spec.scale)
         self._mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
         self._std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+
+    @classmethod
+    def for_training(
+        cls, config: TrainConfig, records: Sequence[ChipRecord], stats: ChipStats
+    ) -> ChipDataset:
+        """The training set of a run: random crops and the config's augmentations."""
+        return cls(
+            config.chips_dir,
+            records,
+            stats,
+            config.window,
+            random_crop=True,
+            flips=config.flips,
+            rot90=config.rot90,
+            scale_jitter=config.scale_jitter,
+            color_jitter=config.color_jitter,
+            seed=config.seed,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` (call before iterating)."""
@@ -77,10 +108,10 @@ class ChipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        record = self.records[index]
-        image, label = self._read(record)
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = index if isinstance(index, tuple) else (index,)
+        image, label = self._read(self.records[key[0]])
+        rng = np.random.default_rng((self.seed, self.epoch, *key))
         image, label = self._fit(image, label, rng)
         if self.flips:
             if rng.random() < 0.5:
@@ -91,6 +122,11 @@ class ChipDataset(Dataset):
             turns = int(rng.integers(1, 4))
             image = np.rot90(image, turns, axes=(1, 2))
             label = np.rot90(label, turns)
+        if self.color_jitter:
+            bands = (image.shape[0], 1, 1)
+            gain = rng.uniform(1 - self.color_jitter, 1 + self.color_jitter, bands)
+            offset = rng.uniform(-self.color_jitter, self.color_jitter, bands)
+            image = (image * gain + offset).astype(np.float32)
         return (
             torch.from_numpy(np.ascontiguousarray(image)),
             torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
@@ -110,23 +146,42 @@ class ChipDataset(Dataset):
     def _fit(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Crop or pad to ``size`` × ``size``."""
+        """Crop (and zoom, with ``scale_jitter``) or pad to ``size`` × ``size``."""
         height, width = label.shape
         size = self.size
-        if height > size or width > size:
+        zoom = 1.0
+        if self.scale_jitter:
+            zoom = math.exp(rng.uniform(-1, 1) * math.log1p(self.scale_jitter))
+        side = round(size / zoom)  # the chip pixels that become the window
+        if height > side or width > side:
             if self.random_crop:
-                top = int(rng.integers(0, max(height - size, 0) + 1))
-                left = int(rng.integers(0, max(width - size, 0) + 1))
+                top = int(rng.integers(0, max(height - side, 0) + 1))
+                left = int(rng.integers(0, max(width - side, 0) + 1))
             else:
-                top, left = max(height - size, 0) // 2, max(width - size, 0) // 2
-            image = image[:, top : top + size, left : left + size]
-            label = label[top : top + size, left : left + size]
+                top, left = max(height - side, 0) // 2, max(width - side, 0) // 2
+            image = image[:, top : top + side, left : left + side]
+            label = label[top : top + side, left : left + side]
             height, width = label.shape
+        if zoom != 1.0:
+            shape = (min(round(height * zoom), size), min(round(width * zoom), size))
+            image, label = _resize(image, label, shape)
+            height, width = shape
         if height < size or width < size:
             pad = ((0, size - height), (0, size - width))
             image = np.pad(image, ((0, 0), *pad))
             label = np.pad(label, pad, constant_values=self.stats.ignore_index)
         return image, label
+
+
+def _resize(
+    image: np.ndarray, label: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a chip to ``shape``: the image bilinearly (antialiased), labels nearest."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image))[None]
+    resized = F.interpolate(pixels, shape, mode="bilinear", align_corners=False, antialias=True)
+    classes = torch.from_numpy(label.astype(np.float32))[None, None]
+    ids = F.interpolate(classes, shape, mode="nearest-exact")[0, 0].numpy()
+    return resized[0].numpy(), ids.astype(label.dtype)
 
 
 def read_chip(

@@ -182,6 +182,7 @@ class DemoConfig:
             "device": self.device,
             "workers": 0,
             "lr_step_epochs": max(self.epochs, 1),
+            "min_epoch_samples": 0,  # an epoch is one pass over the chips
         }
         return TrainConfig(chips_dir=chips, output=output, **{**settings, **changes})
 

@@ -16,7 +16,8 @@ from rasterio.windows import Window
 from geoseg_cli.classes import PRESETS, ClassInfo, ClassTable, load_classes
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.faults import read_errors
-from geoseg_cli.labels import RasterLabels, VectorLabels, warn_unscored_labels
+from geoseg_cli.image_inputs import warn_unscored_labels
+from geoseg_cli.labels import RasterLabels, VectorLabels
 from geoseg_cli.labels import resolve_classes as infer_label_classes
 from geoseg_cli.matching import MATCH_METHODS, matched_metrics
 from geoseg_cli.metrics import ConfusionMatrix, Metrics, boundary_mask
@@ -44,6 +45,7 @@ def evaluate(
     ignore_index: int | None = 255,
     boundary_erosion: int = 0,
     exclude_from_mean: Sequence[str | int] = (),
+    present_only: bool = False,
     block_rows: int | None = None,
     class_field: str | None = None,
     class_value: int | None = None,
@@ -79,6 +81,8 @@ def evaluate(
         boundary_erosion: Radius R in pixels: reference pixels within R px of another
             class are not scored (ISPRS "eroded boundaries"); 0 scores every pixel.
         exclude_from_mean: Class names or indexes left out of mF1 and mIoU (e.g. clutter).
+        present_only: Also leave out of the means every class absent from the reference
+            (no scored label pixel), e.g. when a scene lacks some of the model's classes.
         block_rows: Rows per strip read at a time (default: about a million pixels).
         class_field: Polygon attribute holding the class (number or class name).
         class_value: Class value of every polygon (default 1 without ``class_field``).
@@ -148,6 +152,15 @@ def evaluate(
             ignore = -1 if ignore_index is None else ignore_index
             warn_unscored_labels(str(label_path), pixels, nodata_pixels, nodata, ignored, ignore)
     names = list(classes) if classes is not None else None
+    if present_only:
+        absent = np.flatnonzero(matrix.counts.sum(axis=1) == 0).tolist()
+        if absent:
+            log.info(
+                "classes absent from %s, left out of the means: %s",
+                label_path,
+                ", ".join(names[i] if names else str(i) for i in absent),
+            )
+        exclude_from_mean = [*exclude_from_mean, *absent]
     if match:
         if num_classes is None:  # the classes the labels hold
             num_classes = int(np.nonzero(matrix.counts.sum(axis=1))[0].max(initial=0)) + 1
@@ -221,7 +234,8 @@ def _accumulate(
     Labels are read with ``radius`` rows of context above and below for the boundary erosion.
 
     Returns:
-        The label pixels left unscored as nodata (negative ids) and as the ignore index.
+        The label pixels left unscored as nodata (negative ids) and as the ignore index,
+        where the prediction has data.
     """
     nodata = ignored = 0
     height, width = pred_src.height, pred_src.width
@@ -242,9 +256,10 @@ def _accumulate(
             mask = ~boundary_mask(halo, radius, matrix.ignore_index)[radius : radius + rows]
         labels = labels[row - top : row - top + rows]
         matrix.update(pred, labels, mask)
-        nodata += int(np.count_nonzero(labels < 0))
+        predicted = pred >= 0  # prediction nodata is image nodata: unlabelled as expected
+        nodata += int(np.count_nonzero((labels < 0) & predicted))
         if matrix.ignore_index is not None:
-            ignored += int(np.count_nonzero(labels == matrix.ignore_index))
+            ignored += int(np.count_nonzero((labels == matrix.ignore_index) & predicted))
     return nodata, ignored
 
 

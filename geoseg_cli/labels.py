@@ -22,6 +22,7 @@ from shapely.errors import GEOSException
 
 from geoseg_cli.classes import ClassInfo, ClassTable, default_color, load_classes, rgb_code
 from geoseg_cli.errors import InputError, UsageError
+from geoseg_cli.image_inputs import ImageBands, unscored_under_data, warn_unscored_labels
 from geoseg_cli.raster import (
     crs_name,
     describe_grid,
@@ -44,31 +45,6 @@ def _format_counts(counts: dict[Any, int], unit: str, limit: int = 10) -> str:
     items = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
     text = ", ".join(f"{key} ({n} {unit})" for key, n in items[:limit])
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def warn_unscored_labels(
-    path: str, pixels: int, nodata_pixels: int, nodata: float | None, ignored: int, ignore: int
-) -> None:
-    """Warn about labelled pixels that are dropped without being a class.
-
-    Those equal to the label raster's nodata value (when it is not the ignore index) and those
-    equal to the ignore index. Either may be a class by mistake: the background of a 0/1 mask
-    whose nodata is 0, the objects of a 0/255 mask.
-    """
-    if nodata_pixels and nodata is not None and nodata != ignore:
-        log.warning(
-            "%s: %d px (%.1f%%) have the raster's nodata value %g and are ignored; if %g is "
-            "a class (e.g. the background of a 0/1 mask), unset it: gdal_edit.py "
-            "-unsetnodata %s",
-            path, nodata_pixels, 100 * nodata_pixels / pixels, nodata, nodata, path,
-        )  # fmt: skip
-    if ignored:
-        log.warning(
-            "%s: %d px (%.1f%%) have value %d, the ignore index, and are ignored; if that "
-            "value is a class (e.g. a 0/255 mask), map it with 'value' in a classes file or "
-            "pass another --ignore-index",
-            path, ignored, 100 * ignored / pixels, ignore,
-        )  # fmt: skip
 
 
 class RasterLabels:
@@ -144,8 +120,13 @@ class RasterLabels:
         uniq, n = np.unique(values, return_counts=True)
         return {int(v): int(k) for v, k in zip(uniq, n, strict=True)}
 
-    def validate(self, table: ClassTable) -> None:
-        """Refuse raw values or colours that the class table does not know."""
+    def validate(self, table: ClassTable, image: ImageBands | None = None) -> None:
+        """Refuse raw values or colours that the class table does not know.
+
+        Args:
+            table: The classes.
+            image: The image on the labels' grid (unscored pixels count where it has data).
+        """
         counts = self.counts()
         if self.palette:
             unknown = table.unknown_colors(counts)
@@ -159,13 +140,13 @@ class RasterLabels:
                 )
         else:
             claimed = any(c.value == table.ignore_index for c in table.classes)
+            pixels, masked = sum(counts.values()) + self._masked, self._masked
+            ignored = 0 if claimed else counts.get(table.ignore_index, 0)
+            if image is not None and (masked or ignored):
+                ignore = None if claimed else table.ignore_index
+                pixels, masked, ignored = unscored_under_data(self.path, image, ignore)
             warn_unscored_labels(
-                self.path,
-                sum(counts.values()) + self._masked,
-                self._masked,
-                self.nodata,
-                0 if claimed else counts.get(table.ignore_index, 0),
-                table.ignore_index,
+                self.path, pixels, masked, self.nodata, ignored, table.ignore_index
             )
             unknown = table.unknown_values(counts)
             if unknown:
@@ -414,7 +395,10 @@ def open_labels(
 
 
 def resolve_classes(
-    sources: list[LabelSource], classes: str | os.PathLike | None, ignore_index: int | None
+    sources: list[LabelSource],
+    classes: str | os.PathLike | None,
+    ignore_index: int | None,
+    images: list[ImageBands] | None = None,
 ) -> ClassTable:
     """The class table for a set of label sources, validated against every source.
 
@@ -424,7 +408,8 @@ def resolve_classes(
     class 0); class names from a vector attribute become ``background`` (0) followed by the
     sorted names. Sparse vector labels (``geoseg tile --sparse``) fill no background: their
     class 0 is ``class_0`` and their names are only those found. RGB label rasters always
-    need a classes file.
+    need a classes file. With ``images`` (the image each source labels), unscored label
+    pixels are only reported where the image has data.
 
     Raises:
         InputError: A label does not fit the classes.
@@ -435,8 +420,11 @@ def resolve_classes(
         table = load_classes(classes, ignore_index, require_colors=palette)
     else:
         table = _infer_classes(sources, 255 if ignore_index is None else ignore_index)
-    for source in sources:
-        source.validate(table)
+    for i, source in enumerate(sources):
+        if source.kind == "index" and images is not None:
+            source.validate(table, images[i])
+        else:
+            source.validate(table)
     log.info(
         "classes (%s): %s; ignore index %d",
         table.source,

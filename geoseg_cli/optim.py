@@ -54,14 +54,17 @@ def lr_factor(
     power: float = 0.9,
     step_epochs: int = 15,
     gamma: float = 0.85,
+    warmup_steps: int = 0,
 ) -> float:
     """Multiplier of the initial LR after ``step`` optimizer steps.
 
     Polynomial decay ``(1 − step/total)^power`` combined with ``gamma`` every
-    ``step_epochs`` epochs.
+    ``step_epochs`` epochs, times a linear warm-up ``(step + 1)/warmup_steps`` over the
+    first ``warmup_steps`` steps.
     """
     poly = max(0.0, 1.0 - step / total_steps) ** power
-    return poly * gamma ** (step // steps_per_epoch // step_epochs)
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    return warmup * poly * gamma ** (step // steps_per_epoch // step_epochs)
 
 
 def make_scheduler(
@@ -69,6 +72,7 @@ def make_scheduler(
 ) -> LambdaLR:
     """A per-step LambdaLR of :func:`lr_factor`; its state is a step counter, restored exactly."""
     total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         return lr_factor(
@@ -78,6 +82,7 @@ def make_scheduler(
             config.poly_power,
             config.lr_step_epochs,
             config.lr_step_gamma,
+            warmup,
         )
 
     return LambdaLR(optimizer, factor)

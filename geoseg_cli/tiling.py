@@ -21,18 +21,18 @@ from geoseg_cli.chips import IMAGES, LABELS, ChipRecord, ChipStats, label_stats,
 from geoseg_cli.classes import ClassTable
 from geoseg_cli.errors import InputError, UsageError
 from geoseg_cli.faults import gdal_write_errors
+from geoseg_cli.image_inputs import ImageInfo, inspect_images
 from geoseg_cli.labels import LabelSource, resolve_classes
 from geoseg_cli.progress import progress
 from geoseg_cli.raster import (
     atomic_output,
     check_output,
-    data_bands,
     ground_resolution,
     open_raster,
     read_masked,
 )
 from geoseg_cli.sparse import open_tile_labels
-from geoseg_cli.splits import SPLITS, assign_splits
+from geoseg_cli.splits import BUFFER, SPLITS, assign_splits, default_block_size, report_split
 from geoseg_cli.vector import is_vector_path
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def random_windows(
 
 @dataclass
 class TileSummary:
-    """What :func:`tile` wrote."""
+    """What :func:`tile` wrote (``left_out``: chips dropped by the blocks split)."""
 
     output: str
     num_chips: dict[str, int]
@@ -100,6 +100,7 @@ class TileSummary:
     split: str
     classes: list[str]
     class_counts: list[int]
+    left_out: int = 0
     sparse: bool = False
     unlabelled: int = 0
     coverage: float | None = None
@@ -107,16 +108,6 @@ class TileSummary:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (``geoseg tile --json``)."""
         return asdict(self)
-
-
-@dataclass
-class _Image:
-    path: str
-    prefix: str
-    width: int
-    height: int
-    bands: tuple[int, ...]
-    dtype: str
 
 
 @dataclass
@@ -149,6 +140,7 @@ def _check_options(
     max_nodata: float,
     val_fraction: float,
     split: str | None,
+    block_size: int | None,
 ) -> None:
     if not images:
         raise UsageError("give at least one image")
@@ -165,6 +157,10 @@ def _check_options(
         (0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), not {val_fraction}"),
         (split is None or split in SPLITS, f"--split must be one of {SPLITS}, not {split!r}"),
         (
+            block_size is None or block_size >= size,
+            f"--block-size {block_size} is smaller than a chip (--size {size})",
+        ),
+        (
             split != "source" or len(images) > 1 or val_fraction == 0,
             "--split source needs several images; use --split random",
         ),
@@ -172,36 +168,6 @@ def _check_options(
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-
-
-def _inspect_images(images: list[str], bidx: list[int] | None, size: int) -> list[_Image]:
-    infos = []
-    stems = [Path(p).stem for p in images]
-    for i, path in enumerate(images):
-        with open_raster(path) as src:
-            bad = [b for b in bidx or [] if b > src.count]
-            if bad:
-                raise UsageError(f"{path} has {src.count} band(s); band {bad[0]} does not exist")
-            if size > min(src.width, src.height):
-                raise InputError(
-                    f"chip size {size} is larger than {path} ({src.width}x{src.height} px); "
-                    f"use --size {min(src.width, src.height)} or less"
-                )
-            bands = tuple(bidx or data_bands(src))
-            dtypes = {src.dtypes[b - 1] for b in bands}
-            if len(dtypes) > 1:
-                raise InputError(f"{path}: bands of mixed types {sorted(dtypes)}; select bands")
-            prefix = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
-            infos.append(_Image(path, prefix, src.width, src.height, bands, dtypes.pop()))
-    first = infos[0]
-    for info in infos[1:]:
-        if (info.bands, info.dtype) != (first.bands, first.dtype):
-            raise InputError(
-                f"{info.path} has {info.dtype} data band(s) {list(info.bands)} but "
-                f"{first.path} has {first.dtype} band(s) {list(first.bands)}; tile images of "
-                "one kind together (or use -b)"
-            )
-    return infos
 
 
 @contextlib.contextmanager
@@ -228,7 +194,7 @@ def _open_chip(
 
 def _cut_source(
     index: int,
-    image: _Image,
+    image: ImageInfo,
     labels: LabelSource,
     windows: Iterator[Window],
     quota: int | None,
@@ -319,7 +285,7 @@ def _band_stats(chips: list[_Chip], bands: int) -> tuple[list[float], list[float
 def _write_index(
     out: Path,
     chips: list[_Chip],
-    infos: list[_Image],
+    infos: list[ImageInfo],
     opts: _Options,
     stride: int | None,
 ) -> ChipStats:
@@ -363,6 +329,7 @@ def tile(
     max_nodata: float = DEFAULT_MAX_NODATA,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     split: str | None = None,
+    block_size: int | None = None,
     seed: int = 0,
     ignore_index: int | None = None,
     scale: float | None = None,
@@ -388,8 +355,13 @@ def tile(
         max_nodata: Skip chips with a larger nodata fraction (chips without any valid pixel
             are always skipped).
         val_fraction: Share of validation data.
-        split: ``"source"`` (whole images go to val) or ``"random"`` (chips go to val).
-            Default: by source with several images, random with one.
+        split: ``"source"`` (whole images go to val), ``"blocks"`` (square blocks of
+            ``block_size`` px go to val; chips that would straddle a validation and a
+            training block are left out, so no pixel is in both) or ``"random"`` (single
+            chips go to val; overlapping chips then share pixels across the split).
+            Default: by source with several images, by blocks with one.
+        block_size: Block side for ``split="blocks"`` (default: 4 × ``size``, smaller when
+            that gives fewer than :data:`~geoseg_cli.splits.MIN_BLOCKS` blocks).
         seed: Seed for random chips and the split.
         ignore_index: Label id for unlabelled pixels (default: the classes file's, or 255).
         scale: Raw-value factor (default: 1/255 uint8, 1/10000 other integers, 1 float).
@@ -407,18 +379,20 @@ def tile(
     """
     images, labels = [str(p) for p in images], [str(p) for p in labels]
     stride = size if stride is None else stride
-    _check_options(images, labels, size, stride, count, max_nodata, val_fraction, split)
+    _check_options(images, labels, size, stride, count, max_nodata, val_fraction, split, block_size)
     check_output(outdir, overwrite)
-    infos = _inspect_images(images, bidx, size)
+    infos = inspect_images(images, bidx, size)
     sources = open_tile_labels(labels, class_field, class_value, sparse, buffer)
     pairs = [(info, sources[i if len(sources) > 1 else 0]) for i, info in enumerate(infos)]
     for info, source in pairs:
         if source.kind != "vector":
             source.check_grid(info.path)
-    table = resolve_classes(sources, classes, ignore_index)
+    images_of = [(i.path, list(i.bands)) for i in infos] if len(sources) == len(infos) else None
+    table = resolve_classes(sources, classes, ignore_index, images_of)
     bands = list(infos[0].bands)
     opts = _Options(bands, size, max_nodata, scale or default_scale(infos[0].dtype), table, sparse)
-    mode = split or ("source" if len(images) > 1 else "random")
+    mode = split or ("source" if len(images) > 1 else "blocks")
+    block = block_size or default_block_size([(i.width, i.height) for i in infos], size)
 
     rng = np.random.default_rng([seed, 0])
     if count is None:
@@ -461,8 +435,16 @@ def tile(
                 "check the images' nodata"
             )
         sources = [c.source for c in chips]
-        assign_splits([c.record for c in chips], sources, len(infos), mode, val_fraction, seed)
+        assign_splits([c.record for c in chips], sources, images, mode, val_fraction, seed, block)
+        left_out = [c.record for c in chips if c.record.split == BUFFER]
+        for record in left_out:
+            record.image(out).unlink()
+            record.label(out).unlink()
+        chips = [c for c in chips if c.record.split != BUFFER]
         stats = _write_index(out, chips, infos, opts, None if count else stride)
+    overlap = "random chips overlap" if count else f"--stride {stride} < --size {size}"
+    overlap = overlap if count or stride < size else None
+    report_split(mode, [c.record for c in chips], len(left_out), block, val_fraction, overlap)
     empty = [name for name, n in zip(table.names, stats.class_counts, strict=True) if n == 0]
     if empty:
         log.warning(
@@ -480,6 +462,7 @@ def tile(
         split=mode,
         classes=table.names,
         class_counts=stats.class_counts,
+        left_out=len(left_out),
         sparse=sparse,
         unlabelled=unlabelled,
         coverage=stats.coverage,

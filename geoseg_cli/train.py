@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from geoseg_cli.checkpoint import (
     Checkpoint,
@@ -38,6 +38,7 @@ from geoseg_cli.optim import (
     parameter_groups,
 )
 from geoseg_cli.progress import progress
+from geoseg_cli.recipe import loss_class_weights, recipe_report
 from geoseg_cli.run_state import (
     check_run_dir,
     discard_unfinished,
@@ -51,6 +52,7 @@ from geoseg_cli.run_state import (
     set_rng_state,
     write_history,
 )
+from geoseg_cli.sampling import chip_index, train_sampler
 from geoseg_cli.train_config import TrainConfig, write_config_file
 
 log = logging.getLogger(__name__)
@@ -119,22 +121,11 @@ class _Trainer:
             options=dict(config.model_options),
         )
 
-        self.train_set = ChipDataset(
-            config.chips_dir,
-            train_records,
-            self.stats,
-            config.window,
-            random_crop=True,
-            flips=config.flips,
-            rot90=config.rot90,
-            seed=config.seed,
-        )
+        self.train_set = ChipDataset.for_training(config, train_records, self.stats)
         self.num_val = len(val_records)
         val_size = ceil_to_stride(max(max(r.width, r.height) for r in val_records))
         val_set = ChipDataset(config.chips_dir, ctx.shard(val_records), self.stats, val_size)
-        self.sampler = DistributedSampler(
-            self.train_set, ctx.world_size, ctx.rank, shuffle=True, seed=config.seed
-        )
+        self.sampler = train_sampler(config, train_records, ctx)
         loader_args = {
             "batch_size": config.batch_size,
             "num_workers": config.workers,
@@ -170,9 +161,10 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and device.type == "cuda"
         )
-        weights = self.stats.class_weights if config.loss != "dice" else None
         self.criterion = SegmentationLoss(
-            config.loss, class_weights=weights, ignore_index=self.stats.ignore_index
+            config.loss,
+            class_weights=loss_class_weights(config, self.stats.class_weights),
+            ignore_index=self.stats.ignore_index,
         ).to(device)
         self.epoch = 0
         self.step = 0
@@ -262,6 +254,10 @@ class _Trainer:
             f"batch {config.batch_size}, {self.steps_per_epoch} steps per epoch, loss "
             f"{config.loss}"
         )
+        summary, mismatch = recipe_report(config)
+        self._log(summary)
+        if mismatch and self.ctx.is_main:
+            log.warning("%s", mismatch)
         for epoch in range(self.epoch, config.epochs):
             started = time.perf_counter()
             self.sampler.set_epoch(epoch)
@@ -313,7 +309,7 @@ class _Trainer:
             return []
         order = list(self.sampler)  # this epoch's chip order on this rank
         first = batch * self.config.batch_size
-        return [self.train_set.records[order[first + i]].chip_id for i in bad]
+        return [self.train_set.records[chip_index(order[first + i])].chip_id for i in bad]
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> float:
         """This rank's loss value; NaN on every rank if any rank's loss is not finite."""

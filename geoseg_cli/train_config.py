@@ -1,4 +1,4 @@
-"""Training configuration: the paper's defaults, TOML files, and the resume rules.
+"""Training configuration: recipe defaults, TOML files, and the resume rules.
 
 ``--config FILE.toml`` holds flat ``key = value`` pairs (the field names, dashes or
 underscores) and one table, ``[model_options]``, for the model's options.
@@ -7,7 +7,6 @@ underscores) and one table, ``[model_options]``, for the model's options.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import types
 import typing
@@ -19,6 +18,7 @@ from typing import Any
 from geoseg_cli.distributed import DEVICES
 from geoseg_cli.errors import UsageError
 from geoseg_cli.raster import atomic_output
+from geoseg_cli.recipe import CLASS_WEIGHTINGS, RECIPE_CHOICES, RECIPES, SAMPLERS, resolve_recipe
 from geoseg_cli.tomlfile import parse_toml_value, read_toml, toml_value
 from models import (
     BACKBONES,
@@ -29,8 +29,6 @@ from models import (
     list_models,
 )
 
-#: Paper's initial learning rate.
-DEFAULT_LR = 8.5e-5 / math.sqrt(2)
 #: Validation scores that can choose ``best.pt`` (higher is better).
 BEST_METRICS = ("miou", "mf1", "oa")
 #: Config keys that may change when resuming (they do not change what is learnt).
@@ -41,11 +39,13 @@ NOT_SAVED = ("overwrite",)
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; defaults follow the SCG-Net paper.
+    """Everything that defines a training run.
 
     ``geoseg train`` resolves it from these defaults, an optional ``--config FILE.toml``
     (keys are the field names; dashes or underscores) and explicit flags, in that order,
     and saves the result as ``RUN_DIR/config.toml``, which ``--resume`` reads back.
+    Settings marked *recipe* default to None and are filled from :attr:`recipe`
+    (:mod:`geoseg_cli.recipe`) when the config is made; explicit values win.
 
     Attributes:
         chips_dir: Folder written by ``geoseg tile``.
@@ -55,16 +55,28 @@ class TrainConfig:
         window: Training crop size in pixels (multiple of 16).
         epochs: Number of epochs.
         batch_size: Chips per step (per process under torchrun).
-        lr: Initial learning rate (paper: 8.5e-5/√2).
+        recipe: ``paper`` (fine-tuning ImageNet weights), ``scratch`` (random initial
+            weights) or ``auto``: paper with ``backbone_weights``, scratch without.
+        lr: Initial learning rate (recipe; paper: 8.5e-5/√2).
+        warmup_epochs: Linear learning-rate warm-up over so many epochs (recipe).
         weight_decay: L2 weight decay on weights; none on biases and norm parameters.
         bias_lr_factor: Learning-rate multiplier for biases.
         poly_power: Power of the polynomial decay over all steps.
         lr_step_epochs: Multiply the learning rate by ``lr_step_gamma`` every so many epochs.
         lr_step_gamma: That factor.
         loss: ``dice`` (paper: Dice + L_kl + L_dl), ``ce`` (class-weighted), ``dice+ce`` or
-            ``partial`` (sparse labels: CE on labelled pixels + entropy + smoothness).
+            ``partial`` (sparse labels: CE on labelled pixels + entropy + smoothness) (recipe).
+        class_weighting: Cross-entropy class weights: ``median`` (stats.json's
+            median-frequency weights), ``sqrt`` (their square roots) or ``none`` (recipe).
         flips: Random horizontal and vertical flips (p = 0.5 each).
-        rot90: Random rotations by multiples of 90°.
+        rot90: Random rotations by multiples of 90° (recipe).
+        scale_jitter: Random zoom by a factor in [1/(1+s), 1+s], log-uniform (recipe).
+        color_jitter: Random per-band gain in [1-j, 1+j] and offset in [-j, j] standard
+            deviations (recipe).
+        sampler: ``uniform`` (every chip equally often) or ``balanced`` (chips drawn so
+            that every class is sampled alike, by its pixels) (recipe).
+        min_epoch_samples: Chips drawn per epoch at least (0: one pass over the train
+            chips) (recipe).
         best_metric: Validation score that selects ``best.pt``: miou, mf1 or oa.
         exclude_from_mean: Class names left out of the validation mF1/mIoU (e.g. clutter).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -84,15 +96,22 @@ class TrainConfig:
     window: int = 448
     epochs: int = 50
     batch_size: int = 4
-    lr: float = DEFAULT_LR
+    recipe: str = "auto"
+    lr: float | None = None
+    warmup_epochs: float | None = None
     weight_decay: float = 2e-5
     bias_lr_factor: float = 2.0
     poly_power: float = 0.9
     lr_step_epochs: int = 15
     lr_step_gamma: float = 0.85
-    loss: str = "dice"
+    loss: str | None = None
+    class_weighting: str | None = None
     flips: bool = True
-    rot90: bool = False
+    rot90: bool | None = None
+    scale_jitter: float | None = None
+    color_jitter: float | None = None
+    sampler: str | None = None
+    min_epoch_samples: int | None = None
     best_metric: str = "miou"
     exclude_from_mean: list[str] = field(default_factory=list)
     device: str = "auto"
@@ -108,6 +127,15 @@ class TrainConfig:
         self.output = Path(self.output)
         if self.backbone_weights is not None:
             self.backbone_weights = Path(self.backbone_weights)
+        recipe = RECIPES.get(self.resolved_recipe)
+        for name, value in recipe.values().items() if recipe else ():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def resolved_recipe(self) -> str:
+        """``paper`` or ``scratch``: the recipe, with ``auto`` decided by the weights."""
+        return resolve_recipe(self.recipe, self.backbone_weights is not None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -151,9 +179,12 @@ class TrainConfig:
             UsageError: The first invalid setting, with the valid choices.
         """
         choices = {
+            "recipe": list(RECIPE_CHOICES),
             "variant": list_models(),
             "backbone": list(BACKBONES),
             "loss": list(LOSS_KINDS),
+            "class_weighting": list(CLASS_WEIGHTINGS),
+            "sampler": list(SAMPLERS),
             "best_metric": list(BEST_METRICS),
             "device": list(DEVICES),
         }
@@ -172,9 +203,20 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "bias_lr_factor", "poly_power", "workers"):
+        non_negative = (
+            "weight_decay",
+            "bias_lr_factor",
+            "poly_power",
+            "workers",
+            "warmup_epochs",
+            "color_jitter",
+            "min_epoch_samples",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.scale_jitter < 1:
+            raise UsageError(f"scale_jitter must be in [0, 1), got {self.scale_jitter}")
 
 
 def _coerce(name: str, hint: Any, value: Any, source: str) -> Any:
@@ -275,7 +317,9 @@ def resume_config(
     path = run_dir / "config.toml"
     if not path.is_file():
         raise UsageError(f"{run_dir}: no config.toml; --resume needs a folder from geoseg train")
-    saved = TrainConfig.from_dict({**read_config_file(path), "output": run_dir}, str(path))
+    # runs saved before recipes existed used the paper's settings throughout
+    saved_values = {"recipe": "paper", **read_config_file(path), "output": run_dir}
+    saved = TrainConfig.from_dict(saved_values, str(path))
     values = saved.to_dict()
     hints = typing.get_type_hints(TrainConfig)
     for key, value in (overrides or {}).items():

@@ -37,7 +37,7 @@ def test_tiny_demo_writes_every_promised_file(tmp_path: Path) -> None:
         ["-q", "demo", str(out), "--size", "128", "--window", "32", "--epochs", "1", "--json"],
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)  # warnings go to stderr
     assert summary == json.loads((out / "summary.json").read_text())
     for name in ("checkpoint", "prediction", "onnx", "onnx_prediction", "metrics", "quicklook"):
         assert Path(summary["outputs"][name]).is_file(), name

@@ -244,3 +244,35 @@ def test_polygon_labels_are_rasterised_on_the_prediction_grid(tmp_path):
     assert json.loads(result.stdout)["confusion_matrix"] == binary
     bad = CliRunner().invoke(cli, [*args[:3], "--class-field", "colour"])
     assert bad.exit_code == 1 and "no feature has attribute 'colour'" in bad.output
+
+
+def test_present_only_averages_the_classes_of_the_reference(tmp_path):
+    labels = np.array([[0, 0, 1, 1], [0, 0, 1, 1]], dtype=np.uint8)  # no class 2
+    pred = np.array([[0, 2, 1, 1], [0, 0, 1, 0]], dtype=np.uint8)  # one false class 2
+    write_raster(tmp_path / "l.tif", labels)
+    write_raster(tmp_path / "p.tif", pred)
+    every = evaluate(tmp_path / "p.tif", tmp_path / "l.tif", num_classes=3)
+    iou = [3 / 5, 3 / 4, 0.0]
+    assert every.iou.tolist() == pytest.approx(iou) and every.miou == pytest.approx(sum(iou) / 3)
+    args = ["evaluate", str(tmp_path / "p.tif"), str(tmp_path / "l.tif"), "--classes", "a,b,c"]
+    result = CliRunner().invoke(cli, [*args, "--present-only", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["miou"] == pytest.approx((3 / 5 + 3 / 4) / 2)
+    assert d["mf1"] == pytest.approx((6 / 8 + 6 / 7) / 2)
+    assert d["excluded_from_mean"] == ["c"] and d["classes"][2]["iou"] == 0.0
+
+
+def test_ignored_labels_under_prediction_nodata_do_not_warn(tmp_path, caplog):
+    labels = np.array([[255, 255, 0], [1, 1, 0]], dtype=np.uint8)
+    pred = np.array([[9, 9, 0], [1, 0, 0]], dtype=np.uint8)  # 9: nodata (image nodata)
+    write_raster(tmp_path / "l.tif", labels)
+    write_raster(tmp_path / "p.tif", pred, nodata=9)
+    with caplog.at_level(logging.WARNING, logger="geoseg_cli"):
+        m = evaluate(tmp_path / "p.tif", tmp_path / "l.tif", num_classes=2)
+    assert m.pixels == 4 and "ignore index" not in caplog.text
+    pred[0, 0] = 1  # now one ignored label pixel has a prediction: it is worth a warning
+    write_raster(tmp_path / "p2.tif", pred, nodata=9)
+    with caplog.at_level(logging.WARNING, logger="geoseg_cli"):
+        evaluate(tmp_path / "p2.tif", tmp_path / "l.tif", num_classes=2)
+    assert "1 px (16.7%) have value 255, the ignore index, and are ignored" in caplog.text

@@ -393,6 +393,7 @@ def test_train_model_options_reach_the_checkpoint(chips, tmp_path) -> None:
     run = tmp_path / "run"
     base = ["-q", "train", str(chips), "-o", str(run), "--config", str(config)]
     base += shlex.split("--backbone resnet18 --window 64 --epochs 1 --workers 0 --device cpu")
+    base += ["--recipe", "paper"]  # one pass over the chips per epoch
     options = ["--model-option", "dynamic-sampling=false", "--model-option", "keep=0.75"]
     result = CliRunner().invoke(cli, [*base, *options])
     assert result.exit_code == 0, result.output

@@ -355,7 +355,7 @@ def test_engines_agree_on_99_percent_of_valid_pixels_with_a_trained_model(tmp_pa
     chips = write_chips(tmp_path / "chips", full[:, :train_rows], full_labels[:train_rows], window)
     config = TrainConfig(
         chips, tmp_path / "run", backbone="resnet18", window=window, epochs=30, batch_size=2,
-        lr=1e-3, workers=0, device="cpu", loss="dice+ce",
+        lr=1e-3, workers=0, device="cpu", loss="dice+ce", recipe="paper",
     )  # fmt: skip
     train(config)
     image = np.maximum(full[:, train_rows:, :317], 1)

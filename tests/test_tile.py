@@ -60,7 +60,9 @@ def test_grid_offsets_shift_the_last_window_inside() -> None:
 
 def test_index_labels_chips_manifest_and_stats(scene: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "chips"
-    summary = tile([scene["image"]], [scene["labels"]], out, size=32, val_fraction=0.25, seed=1)
+    summary = tile(
+        [scene["image"]], [scene["labels"]], out, size=32, val_fraction=0.25, seed=1, split="random"
+    )
 
     rows = read_manifest(out)
     assert list(rows[0]) == [
@@ -186,8 +188,9 @@ def test_mask_labels_with_nodata_zero_warn_that_the_background_is_dropped(
     labels = make_raster("mask.tif", mask, nodata=0)
     with caplog.at_level(logging.WARNING, logger="geoseg_cli"):
         tile([scene["image"]], [labels], tmp_path / "chips", size=32)
-    dropped = mask.size - 600
-    assert f"{dropped} px ({100 * dropped / mask.size:.1f}%) have the raster's nodata value 0" in (
+    # the label nodata pixels where the image has data: not under its 10×12 nodata corner
+    dropped, with_data = mask.size - 600 - 120, mask.size - 120
+    assert f"{dropped} px ({100 * dropped / with_data:.1f}%) have the raster's nodata value 0" in (
         caplog.text
     )
     stats = json.loads((tmp_path / "chips" / "stats.json").read_text())
@@ -230,7 +233,7 @@ def test_rgb_palette_labels_with_isprs_preset(make_raster, tmp_path: Path) -> No
     rgb[:, 5, :] = 0  # eroded-boundary black → ignore
     out = tmp_path / "chips"
     tile([make_raster("img.tif", image)], [make_raster("gt.tif", rgb)], out, size=25,
-         classes="isprs")  # fmt: skip
+         classes="isprs", split="random")  # fmt: skip
     expected = ids.astype(np.int64)
     expected[5, :] = 255
     np.testing.assert_array_equal(mosaic_labels(out, ids.shape), expected)
@@ -293,7 +296,7 @@ def test_vector_labels_reprojected_with_class_names(scene, tmp_path: Path, suffi
     lonlat = [(transform_geom(UTM_CRS, "EPSG:4326", g), p) for g, p in utm]
     vectors = write_vectors(tmp_path / f"v{suffix}", lonlat, "urn:ogc:def:crs:OGC:1.3:CRS84")
     out = tmp_path / "chips"
-    tile([scene["image"]], [vectors], out, size=32, class_field="kind")
+    tile([scene["image"]], [vectors], out, size=32, class_field="kind", split="random")
 
     names = {"background": 0, "house": 1, "pool": 2}
     reference = rasterize(
@@ -309,7 +312,7 @@ def test_vector_without_crs_is_in_image_crs_with_class_value(scene, tmp_path, ca
     vectors = write_geojson(tmp_path / "v.geojson", [(_utm_box(0, 30, 93, 40), {})])
     out = tmp_path / "chips"
     with caplog.at_level(logging.INFO, logger="geoseg_cli"):
-        tile([scene["image"]], [vectors], out, size=32, class_value=3)
+        tile([scene["image"]], [vectors], out, size=32, class_value=3, split="random")
     assert "coordinates outside lon/lat bounds: taking them to be in the image CRS" in caplog.text
     stats = json.loads((out / "stats.json").read_text())
     assert [c["name"] for c in stats["classes"]] == ["background", "class_1", "class_2", "class_3"]
@@ -322,7 +325,7 @@ def test_vector_without_crs_in_lonlat_is_wgs84(scene, tmp_path, caplog) -> None:
     box = transform_geom(UTM_CRS, "EPSG:4326", _utm_box(0, 30, 93, 40))
     vectors = write_geojson(tmp_path / "v.geojson", [(box, {})])
     with caplog.at_level(logging.INFO, logger="geoseg_cli"):
-        tile([scene["image"]], [vectors], tmp_path / "chips", size=32)
+        tile([scene["image"]], [vectors], tmp_path / "chips", size=32, split="random")
     assert "has no CRS and lon/lat coordinates: taking them as WGS 84" in caplog.text
     mosaic = mosaic_labels(tmp_path / "chips", (67, 93))
     assert (mosaic[31:39, 12:] == 1).all() and (mosaic[41:] == 0).all()
@@ -339,7 +342,7 @@ def test_other_vector_formats_layers_and_errors(scene, tmp_path, caplog, monkeyp
     write_vectors(path, [(_utm_box(0, 50, 93, 60), {"id": 1})], crs, layer="second")
     out = tmp_path / "chips"
     with caplog.at_level(logging.INFO, logger="geoseg_cli"):
-        tile([scene["image"]], [path], out, size=32, class_field="id")
+        tile([scene["image"]], [path], out, size=32, class_field="id", split="random")
     assert "2 layers; reading the first, 'v'" in caplog.text
     mosaic = mosaic_labels(out, (67, 93))
     assert (mosaic[30:40] == 2).all() and (mosaic[40:] == 0).all()
@@ -366,7 +369,7 @@ def test_wkt_only_crs_image_and_vectors(make_raster, tmp_path: Path) -> None:
     geom = {"type": "Polygon", "coordinates": [[transform @ c for c in corners]]}
     vectors = write_geojson(tmp_path / "fields.geojson", [(geom, {"id": 1})])
     out = tmp_path / "chips"
-    tile([path], [vectors], out, size=20, class_field="id")
+    tile([path], [vectors], out, size=20, class_field="id", split="random")
     with rasterio.open(path) as src:
         source_crs = src.crs
         reference = rasterize([(geom, 1)], out_shape=(41, 37), transform=transform)
@@ -431,9 +434,10 @@ def test_random_chips_are_seeded_and_split_by_fraction(scene, tmp_path: Path) ->
     def windows(out: Path) -> list[tuple[int, int, str]]:
         return [(int(r["col_off"]), int(r["row_off"]), r["split"]) for r in read_manifest(out)]
 
-    a = tile([scene["image"]], [scene["labels"]], tmp_path / "a", size=20, count=10, seed=5)
-    tile([scene["image"]], [scene["labels"]], tmp_path / "b", size=20, count=10, seed=5)
-    tile([scene["image"]], [scene["labels"]], tmp_path / "c", size=20, count=10, seed=6)
+    runs = {"a": 5, "b": 5, "c": 6}
+    options = {"size": 20, "count": 10, "split": "random"}
+    images, labels = [scene["image"]], [scene["labels"]]
+    a, _, _ = (tile(images, labels, tmp_path / n, seed=seed, **options) for n, seed in runs.items())
     assert windows(tmp_path / "a") == windows(tmp_path / "b") != windows(tmp_path / "c")
     assert a.num_chips == {"train": 8, "val": 2} and a.sampling == "random"
     cols_rows = {(c, r) for c, r, _ in windows(tmp_path / "a")}

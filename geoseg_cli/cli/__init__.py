@@ -21,6 +21,10 @@ log = logging.getLogger("geoseg_cli")
 COMMANDS = {
     "tile": ("geoseg_cli.cli.tile:tile", "Cut rasters and labels into georeferenced chips."),
     "train": ("geoseg_cli.cli.train:train", "Train an SCG-Net variant on a chips folder."),
+    "pretrain": (
+        "geoseg_cli.cli.pretrain:pretrain",
+        "Pre-train a backbone on unlabelled rasters (self-supervised).",
+    ),
     "pseudolabel": (
         "geoseg_cli.cli.pseudolabel:pseudolabel",
         "Complete sparse label chips by graph propagation.",

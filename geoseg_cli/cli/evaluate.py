@@ -47,6 +47,12 @@ from geoseg_cli.matching import MATCH_METHODS
     help="Class (name or id) left out of mF1 and mIoU, repeatable (ISPRS: clutter).",
 )
 @click.option(
+    "--present-only",
+    is_flag=True,
+    help="Average mF1 and mIoU over the classes present in LABELS only (classes the "
+    "reference lacks are listed but not averaged).",
+)
+@click.option(
     "--match",
     type=click.Choice(MATCH_METHODS),
     default=None,
@@ -80,6 +86,7 @@ def evaluate(
       geoseg evaluate pred.tif gt.tif --classes isprs --boundary-erosion 3 \\
           --exclude-from-mean clutter --json
       geoseg evaluate pred.tif buildings.geojson --classes run/best.pt
+      geoseg evaluate pred.tif tile_labels.tif --classes run/best.pt --present-only
       geoseg evaluate clusters.tif labels.tif --match hungarian
     """
     spec = resolve_classes(classes, ignore_index) if classes is not None else None

@@ -117,8 +117,17 @@ class _TileCommand(click.Command):
     type=click.Choice(["auto", *SPLITS]),
     default="auto",
     show_default=True,
-    help="Validation split: whole images (source) or single chips (random); auto = source "
-    "with several images, random with one.",
+    help="Validation split: whole images (source), square blocks of the images (blocks; "
+    "chips that would overlap both sides are left out) or single chips (random; with "
+    "--stride < --size its validation chips share pixels with training chips); auto = "
+    "source with several images, blocks with one.",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PX",
+    help="Block side for --split blocks [default: 4 × --size, smaller for small images].",
 )
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for random chips and the split."

@@ -12,6 +12,7 @@ import click
 from geoseg_cli.cli.options import device_opt, overwrite_opt
 from geoseg_cli.distributed import torchrun_env
 from geoseg_cli.errors import UsageError
+from geoseg_cli.recipe import CLASS_WEIGHTINGS, RECIPE_CHOICES, RECIPES, SAMPLERS
 from geoseg_cli.train import train as run_training
 from geoseg_cli.train_config import (
     BEST_METRICS,
@@ -88,12 +89,28 @@ def _parse_model_options(
     help="Chips per step (per process under torchrun).",
 )
 @click.option(
+    "--recipe",
+    type=click.Choice(RECIPE_CHOICES),
+    default=TrainConfig.recipe,
+    show_default=True,
+    help="Defaults of the options marked [recipe]: paper (the paper's fine-tuning of "
+    "ImageNet weights) or scratch (random initial weights); auto = paper with "
+    "--backbone-weights, scratch without.",
+)
+@click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    default=TrainConfig.lr,
-    show_default=f"8.5e-5/√2 ≈ {TrainConfig.lr:.3g}",
-    help=f"Initial learning rate (paper: 8.5e-5/√2), decayed by poly({TrainConfig.poly_power}) "
-    f"and ×{TrainConfig.lr_step_gamma} every {TrainConfig.lr_step_epochs} epochs.",
+    default=None,
+    help=f"Initial learning rate, decayed by poly({TrainConfig.poly_power}) and "
+    f"×{TrainConfig.lr_step_gamma} every {TrainConfig.lr_step_epochs} epochs. [recipe: paper "
+    f"8.5e-5/√2 ≈ {RECIPES['paper'].lr:.3g}, scratch {RECIPES['scratch'].lr:g}]",
+)
+@click.option(
+    "--warmup-epochs",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Linear learning-rate warm-up over so many epochs. [recipe: paper "
+    f"{RECIPES['paper'].warmup_epochs:g}, scratch {RECIPES['scratch'].warmup_epochs:g}]",
 )
 @click.option(
     "--weight-decay",
@@ -105,20 +122,64 @@ def _parse_model_options(
 @click.option(
     "--loss",
     type=click.Choice(LOSS_KINDS),
-    default=TrainConfig.loss,
-    show_default=True,
-    help="dice is the paper's (Dice + L_kl + L_dl); ce uses the class weights of "
-    "stats.json; dice+ce sums both; partial is for sparse labels (geoseg tile --sparse): "
-    "class-weighted CE on the labelled pixels + entropy of the unlabelled ones + colour "
-    "smoothness. The SCG terms are always added. cdgc scores its refined "
-    "logits with OHEM cross-entropy instead and adds its coarse and auxiliary "
-    "cross-entropies (weights: --model-option).",
+    default=None,
+    help="dice is the paper's (Dice + L_kl + L_dl); ce uses class weights (see "
+    "--class-weighting); dice+ce sums both; partial is for sparse labels (geoseg tile "
+    "--sparse): class-weighted CE on the labelled pixels + entropy of the unlabelled ones + "
+    "colour smoothness. The SCG terms are always added. cdgc scores its refined logits with "
+    "OHEM cross-entropy instead and adds its coarse and auxiliary cross-entropies (weights: "
+    "--model-option). [recipe: paper "
+    f"{RECIPES['paper'].loss}, scratch {RECIPES['scratch'].loss}]",
 )
 @click.option(
-    "--rot90/--no-rot90", default=TrainConfig.rot90, show_default=True, help="Random 90° turns."
+    "--class-weighting",
+    type=click.Choice(CLASS_WEIGHTINGS),
+    default=None,
+    help="Cross-entropy class weights: median = stats.json's median-frequency weights, sqrt "
+    f"= their square roots. [recipe: paper {RECIPES['paper'].class_weighting}, scratch "
+    f"{RECIPES['scratch'].class_weighting}]",
 )
 @click.option(
     "--flips/--no-flips", default=TrainConfig.flips, show_default=True, help="Random flips (p=0.5)."
+)
+@click.option(
+    "--rot90/--no-rot90",
+    default=None,
+    help="Random 90° turns. [recipe: paper no, scratch yes]",
+)
+@click.option(
+    "--scale-jitter",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    metavar="S",
+    help="Random zoom by a factor in [1/(1+S), 1+S]. [recipe: paper "
+    f"{RECIPES['paper'].scale_jitter:g}, scratch {RECIPES['scratch'].scale_jitter:g}]",
+)
+@click.option(
+    "--color-jitter",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="J",
+    help="Random per-band gain in [1-J, 1+J] and offset in [-J, J] standard deviations. "
+    f"[recipe: paper {RECIPES['paper'].color_jitter:g}, scratch "
+    f"{RECIPES['scratch'].color_jitter:g}]",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(SAMPLERS),
+    default=None,
+    help="uniform: every chip equally often; balanced: chips drawn so that each class is "
+    f"sampled alike (rare classes more often). [recipe: paper {RECIPES['paper'].sampler}, "
+    f"scratch {RECIPES['scratch'].sampler}]",
+)
+@click.option(
+    "--min-epoch-samples",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Draw at least N chips per epoch (repeating chips on small data); 0 = one pass. "
+    f"[recipe: paper {RECIPES['paper'].min_epoch_samples}, scratch "
+    f"{RECIPES['scratch'].min_epoch_samples}]",
 )
 @click.option(
     "--best-metric",
@@ -193,14 +254,17 @@ def train(
     """Train a model on chips from `geoseg tile`.
 
     Writes RUN_DIR/best.pt (best validation score), last.pt (full state for --resume),
-    metrics.csv, config.toml and curves.png (with matplotlib). Defaults follow the SCG-Net
-    paper. Under torchrun the same command trains with DDP (one process per GPU).
+    metrics.csv, config.toml and curves.png (with matplotlib). Options marked [recipe]
+    default to the recipe's value: the SCG-Net paper's fine-tuning recipe with
+    --backbone-weights, a from-scratch recipe without (--recipe). Under torchrun the same
+    command trains with DDP (one process per GPU).
 
     \b
     Examples:
       geoseg train chips/ -o runs/exp1
       geoseg train chips/ -o runs/cpu --backbone resnet18 --window 224 --epochs 5
       geoseg train chips/ -o runs/cdgc --variant cdgc --model-option keep=0.3
+      geoseg train chips/ -o runs/ft --backbone-weights resnet50.pth   # recipe paper
       geoseg train --config exp.toml -o runs/exp2 --lr 1e-4
       geoseg train --resume runs/exp1 --epochs 80
       geoseg train sparse_chips/ -o runs/points --loss partial
