@@ -108,6 +108,16 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def nodata_scene(make_raster) -> Path:
+    """An odd-sized 3-band uint8 scene with a nodata corner (whole windows) and a nodata row."""
+    image, _ = synthetic_scene(83, 117, seed=4)
+    image = np.maximum(image, 1)
+    image[:, :40, :50] = 0
+    image[:, 60:64, :] = 0
+    return make_raster("scene.tif", image, nodata=0)
+
+
+@pytest.fixture
 def scene(tmp_path: Path) -> dict[str, Path]:
     """An odd-sized (67×93) 3-band uint8 UTM scene with a nodata corner, and its labels."""
     image, labels = synthetic_scene(67, 93)

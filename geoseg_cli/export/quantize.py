@@ -12,6 +12,7 @@ import rasterio
 
 from geoseg_cli.chips import load_stats, read_manifest
 from geoseg_cli.errors import InputError
+from geoseg_cli.export.quiet import quiet_exporter
 from geoseg_cli.inference.onnx_runtime import import_onnx_dependency
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ def quantize_static_int8(proto: Any, chips_dir: Path, window: int, workdir: Path
         quant_pre_process,
         quantize_static,
     )
-
-    from geoseg_cli.export.graphs import quiet_exporter
 
     fp32, prepared, quantized = (workdir / n for n in ("fp32.onnx", "pre.onnx", "qdq.onnx"))
     onnx.save_model(proto, fp32)
