@@ -116,7 +116,7 @@ def test_all_nodata_input_is_refused(make_raster, tmp_path):
 def test_ctrl_c_leaves_no_output_and_no_temp(scene, tmp_path, monkeypatch, kill):
     engine = StandIn(pixelwise, fail_after=3)
     if kill:
-        engine.interrupt = lambda: signal.raise_signal(signal.SIGTERM)
+        engine.interrupt = lambda: signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     monkeypatch.setattr("geoseg_cli.inference.load_runtime", lambda path, device: engine)
     before = sorted(tmp_path.iterdir())
     out = tmp_path / "interrupted.tif"
