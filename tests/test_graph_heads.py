@@ -405,6 +405,8 @@ def test_train_model_options_reach_the_checkpoint(chips, tmp_path) -> None:
     assert saved["model_options"] == ckpt.model.options
     assert (run / "config.toml").read_text().rstrip().endswith("dynamic_sampling = false")
 
+    other = CliRunner().invoke(cli, [*base, "--model", "mscg-gcn", "--overwrite"])  # timm's flag
+    assert other.exit_code == 2 and "model mscg-gcn has no option" in other.output
     bad = CliRunner().invoke(cli, [*base, "--model-option", "r=0.3", "--overwrite"])
     assert bad.exit_code == 2
     assert "model cdgc has no option r; valid options: channels, keep" in bad.output

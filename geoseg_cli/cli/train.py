@@ -62,9 +62,11 @@ def _parse_model_options(
 )
 @click.option(
     "--variant",
+    "--model",
+    "variant",
     default=TrainConfig.variant,
     show_default=True,
-    help="Model variant (list them with `geoseg models`).",
+    help="Model variant (list them with `geoseg models`); --model is timm's spelling.",
 )
 @click.option(
     "--backbone",
