@@ -212,9 +212,11 @@ def test_ctrl_c_and_sigterm_exit_130_and_143_and_train_points_to_resume(
 
     def save_then_interrupt(self, *args):
         save(self, *args)
-        # right after epoch 1 was written; the handler is called directly, since a delivered
-        # signal can be run (and swallowed) inside a finaliser
+        # right after epoch 1 was written, synchronously: what Python's SIGINT handler raises
+        # (a shell's background job ignores SIGINT), then geoseg's own SIGTERM handler
         signum = next(signals)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         signal.getsignal(signum)(signum, None)
 
     monkeypatch.setattr(train_module._Trainer, "_save", save_then_interrupt)
