@@ -47,10 +47,11 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from geoseg_cli.demo import BUILDING, DEMO_CLASSES, write_scene
+from geoseg_cli.demo import BUILDING, DEMO_CLASSES, IGNORE_INDEX, write_scene
 from geoseg_cli.evaluate import evaluate
 from geoseg_cli.inference import PredictOptions, load_runtime, predict_raster
 from geoseg_cli.labels import open_labels, resolve_classes
+from geoseg_cli.metrics import ConfusionMatrix
 from geoseg_cli.pretrain import PretrainConfig, pretrain
 from geoseg_cli.tiling import tile
 from geoseg_cli.train import train
@@ -137,7 +138,7 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> Dataset:
     classes.write_text(
         json.dumps(
             {
-                "ignore_index": 255,
+                "ignore_index": IGNORE_INDEX,
                 "classes": [{"name": c.name, "color": list(c.color)} for c in DEMO_CLASSES],
             }
         )
@@ -157,7 +158,7 @@ def prepare(name: str, work: Path, args: argparse.Namespace) -> Dataset:
 def heldout_mask(data: Dataset) -> np.ndarray:
     """The held-out labels as class ids on the held-out image's grid."""
     source = open_labels(str(data.heldout_labels))
-    table = resolve_classes([source], data.classes, 255)
+    table = resolve_classes([source], data.classes, IGNORE_INDEX)
     with rasterio.open(data.heldout_image) as image, source.reader(table, image) as read:
         return read(Window(0, 0, image.width, image.height))
 
@@ -170,8 +171,9 @@ def stride_ceiling(labels: np.ndarray, positive: int, steps: int = 300) -> float
     positive-class mask: what a head that upsamples stride-16 logits can represent.
     """
     height, width = (n - n % OUTPUT_STRIDE for n in labels.shape)
-    cut = torch.from_numpy(labels[:height, :width].astype(np.int64))[None, None]
-    target, weight = (cut == positive).float(), (cut != 255).float()
+    cut = labels[:height, :width]
+    target = torch.from_numpy(cut == positive).float()[None, None]
+    weight = torch.from_numpy(cut != IGNORE_INDEX).float()[None, None]
     logits = torch.zeros(1, 1, height // OUTPUT_STRIDE, width // OUTPUT_STRIDE, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=0.5)
     for _ in range(steps):
@@ -180,9 +182,11 @@ def stride_ceiling(labels: np.ndarray, positive: int, steps: int = 300) -> float
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    hit = (up.detach() > 0) & (weight > 0)
-    truth = target.bool() & (weight > 0)
-    return float((hit & truth).sum() / (hit | truth).sum())
+    matrix = ConfusionMatrix(2, IGNORE_INDEX)
+    matrix.update(
+        (up.detach() > 0)[0, 0], np.where(cut == IGNORE_INDEX, IGNORE_INDEX, cut == positive)
+    )
+    return float(matrix.metrics().iou[1])
 
 
 def parse_run(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -255,7 +259,9 @@ def run_one(
         pred,
         PredictOptions(batch_size=8),
     )
-    metrics = evaluate(pred, data.heldout_labels, num_classes=len(_classes(data)), ignore_index=255)
+    metrics = evaluate(
+        pred, data.heldout_labels, num_classes=len(_classes(data)), ignore_index=IGNORE_INDEX
+    )
     finished, cpu = time.perf_counter(), time.process_time() - cpu_started
     return {
         "dataset": data.name,
